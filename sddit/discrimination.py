@@ -1,0 +1,45 @@
+"""Self-distillation loss (DINO on the CLS token, iBOT on patch tokens) with its centres as buffers.
+
+Centres live in module buffers, so a checkpoint of the model carries them without extra code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def distillation_cross_entropy(student_logits, teacher_logits, centre, student_temp, teacher_temp):
+    """Mean over tokens of H(softmax((t - centre) / tau_t), softmax(s / tau_s)); logits: [..., K]."""
+    targets = torch.softmax((teacher_logits - centre) / teacher_temp, dim=-1)
+    log_probs = torch.log_softmax(student_logits / student_temp, dim=-1)
+    return -(targets * log_probs).sum(dim=-1).mean()
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the leading dims of `x`, averaged across data-parallel ranks when distributed."""
+    mean = x.reshape(-1, x.shape[-1]).float().mean(dim=0)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return mean
+
+
+class DiscriminativeLoss(nn.Module):
+    def __init__(self, out_size: int):
+        super().__init__()
+        self.register_buffer("centre_cls", torch.zeros(out_size))
+        self.register_buffer("centre_patch", torch.zeros(out_size))
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, *, student_temp, teacher_temp):
+        """student/teacher_cls: [N, K]; student/teacher_patch: [N, T, K] at the same positions."""
+        loss_cls = distillation_cross_entropy(
+            student_cls.float(), teacher_cls.float(), self.centre_cls, student_temp, teacher_temp)
+        loss_patch = distillation_cross_entropy(
+            student_patch.float(), teacher_patch.float(), self.centre_patch, student_temp, teacher_temp)
+        return loss_cls, loss_patch
+
+    @torch.no_grad()
+    def update_centres(self, teacher_cls, teacher_patch, momentum: float) -> None:
+        self.centre_cls.mul_(momentum).add_(global_mean(teacher_cls), alpha=1 - momentum)
+        self.centre_patch.mul_(momentum).add_(global_mean(teacher_patch), alpha=1 - momentum)

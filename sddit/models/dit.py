@@ -1,0 +1,277 @@
+"""DiT backbone split into an encoder and a decoder, so SD-DiT's teacher can copy the encoder alone.
+
+Reading order: embedders, position embeddings, token masking, block, final layer, encoder,
+decoder, backbone. The backbone is the EDM network F: it sees c_in * x and c_noise, never sigma
+itself (preconditioning lives in `sddit.diffusion`).
+
+With `decoder_depth=0` and no mask, encoder + final layer is exactly the reference DiT.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders for the noise level and the class label
+# ---------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the scalar noise label (EDM's c_noise), then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        half = frequency_size // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t):                                   # t: [N]
+        args = t.float()[:, None] * self.freqs[None]        # [N, F/2]
+        t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # [N, D]
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row, the null class used for classifier-free guidance.
+
+    Label dropout is not done here: the training loss replaces labels by `null_class` explicitly,
+    so the randomness is drawn from the same generator as everything else.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.null_class = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):                                   # y: [N] int, or None
+        return self.embedding_table(y)                      # [N, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed 2-D sine-cosine position embeddings (as in MAE / DiT)
+# ---------------------------------------------------------------------------------------------
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # [M, dim]
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+    """[grid_size**2, dim]: half the channels encode the row, half the column."""
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, matching row-major patches
+    return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token masking: keep a random subset per sample, then put the rest back
+# ---------------------------------------------------------------------------------------------
+
+def random_keep(batch: int, length: int, mask_ratio: float, *, device=None, generator=None):
+    """Indices [N, int(L * (1 - r))] of the visible tokens, sorted, drawn independently per sample."""
+    num_keep = int(length * (1 - mask_ratio))
+    scores = torch.rand(batch, length, device=device, generator=generator)
+    return scores.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+
+
+def gather_tokens(x, ids):                                  # x: [N, L, D], ids: [N, K]
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [N, K, D]
+
+
+def scatter_tokens(fill, x_visible, ids):
+    """Write the visible tokens back into `fill` ([N, L, D]) at positions `ids`."""
+    return fill.scatter(1, ids.unsqueeze(-1).expand(-1, -1, fill.shape[-1]), x_visible)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT block with adaLN-Zero conditioning, and the final layer
+# ---------------------------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, cond_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 6 * hidden_size))
+
+    def forward(self, x, c):                                # x: [N, T, D], c: [N, C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class ModulatedLinear(nn.Module):
+    """adaLN-modulated LayerNorm then a Linear: DiT's final layer, and the encoder-to-decoder bridge."""
+
+    def __init__(self, in_size: int, cond_size: int, out_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * in_size))
+        self.linear = nn.Linear(in_size, out_size)
+
+    def forward(self, x, c):                                # x: [N, T, in], c: [N, C]
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [N, T, out]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder (what the teacher copies) and decoder
+# ---------------------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    """Patch embedding, t/y embedding, optional CLS token and the DiT blocks."""
+
+    def __init__(self, *, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                 mlp_ratio, num_classes, cls_token):
+        super().__init__()
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if cls_token else None
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return 0 if self.cls_token is None else 1
+
+    def condition(self, t, y):                              # t: [N], y: [N] or None
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full_like(t, self.y_embedder.null_class, dtype=torch.long)
+            c = c + self.y_embedder(y)
+        return c                                            # [N, D]
+
+    def forward(self, x, t, y, ids_keep=None):
+        """x: [N, C, H, W] -> (tokens [N, extra + K, D], c [N, D], all embedded patches [N, L, D])."""
+        patches = self.x_embedder(x) + self.pos_embed       # [N, L, D]
+        c = self.condition(t, y)
+        h = patches if ids_keep is None else gather_tokens(patches, ids_keep)  # [N, K, D]
+        if self.cls_token is not None:
+            h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        for block in self.blocks:
+            h = block(h, c)
+        return h, c, patches
+
+
+class Decoder(nn.Module):
+    """Puts the invisible tokens back, then (optionally) a light DiT, then the final layer.
+
+    Invisible positions are filled with the encoder's embedded *noisy* patches (SD-DiT), or with
+    a learned mask token (MaskDiT). With `depth=0` this is DiT's final layer alone.
+    """
+
+    def __init__(self, *, num_patches, patch_size, out_channels, encoder_size, depth, hidden_size,
+                 num_heads, mlp_ratio, mask_token):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_size)) if mask_token else None
+        final_size = encoder_size
+        self.bridge = self.pos_embed = None
+        if depth > 0:
+            self.bridge = ModulatedLinear(encoder_size, encoder_size, hidden_size)
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+            final_size = hidden_size
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, encoder_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = ModulatedLinear(final_size, encoder_size, patch_size * patch_size * out_channels)
+
+    def forward(self, h, c, patches, ids_keep=None):
+        """h: encoder patch tokens [N, K, D] (no CLS) -> per-patch predictions [N, L, p*p*C]."""
+        if ids_keep is not None:
+            fill = patches if self.mask_token is None else self.mask_token.to(h.dtype).expand_as(patches)
+            h = scatter_tokens(fill.to(h.dtype), h, ids_keep)  # [N, L, D]
+        if self.bridge is not None:
+            h = self.bridge(h, c) + self.pos_embed
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final_layer(h, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone: encoder + decoder, the EDM network F
+# ---------------------------------------------------------------------------------------------
+
+class Backbone(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
+        self.encoder = Encoder(
+            input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
+            hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio, num_classes=config.num_classes, cls_token=config.cls_token,
+        )
+        self.decoder = Decoder(
+            num_patches=self.encoder.x_embedder.num_patches, patch_size=config.patch_size,
+            out_channels=self.out_channels, encoder_size=config.hidden_size, depth=config.decoder_depth,
+            hidden_size=config.decoder_hidden_size, num_heads=config.decoder_num_heads,
+            mlp_ratio=config.mlp_ratio, mask_token=config.mask_token,
+        )
+
+    def unpatchify(self, x):                                # [N, L, p*p*C] -> [N, C, H, W]
+        p, c = self.patch_size, self.out_channels
+        side = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], side, side, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, side * p, side * p)
+
+    def forward(self, x, t, y=None, ids_keep=None):
+        """F(c_in x, c_noise, y) -> (prediction [N, C_out, H, W], encoder tokens [N, extra + K, D])."""
+        tokens, c, patches = self.encoder(x, t, y, ids_keep)
+        out = self.decoder(tokens[:, self.encoder.num_extra_tokens:], c, patches, ids_keep)
+        return self.unpatchify(out), tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation, all in one place
+# ---------------------------------------------------------------------------------------------
+
+def initialize_backbone(net: Backbone) -> None:
+    """DiT's scheme: xavier Linear, N(0, 0.02) embeddings, zeroed adaLN gates and output layer."""
+    def basic_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    net.apply(basic_init)
+
+    enc, dec = net.encoder, net.decoder
+    grid = int(enc.x_embedder.num_patches ** 0.5)
+    enc.pos_embed.data.copy_(torch.from_numpy(sincos_2d(enc.pos_embed.shape[-1], grid)).float()[None])
+    if dec.pos_embed is not None:
+        dec.pos_embed.data.copy_(torch.from_numpy(sincos_2d(dec.pos_embed.shape[-1], grid)).float()[None])
+
+    w = enc.x_embedder.proj.weight.data                     # initialise the conv like a Linear
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(enc.x_embedder.proj.bias)
+    if enc.y_embedder is not None:
+        nn.init.normal_(enc.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(enc.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(enc.t_embedder.mlp[2].weight, std=0.02)
+    for token in (enc.cls_token, dec.mask_token):
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
+
+    for block in [*enc.blocks, *dec.blocks]:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(dec.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(dec.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(dec.final_layer.linear.weight)
+    nn.init.zeros_(dec.final_layer.linear.bias)

@@ -1,0 +1,63 @@
+"""The trainable model: a preconditioned DiT student, its projection head and its EMA teacher.
+
+Parameters under `teacher.` are the teacher's (updated only by EMA); all others are the student's.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from sddit.diffusion import EDMPrecond
+from sddit.discrimination import DiscriminativeLoss
+from sddit.models.dit import Backbone, initialize_backbone
+from sddit.models.head import ProjectionHead
+from sddit.models.registry import ModelConfig
+
+
+class StudentOutput(NamedTuple):
+    denoised: torch.Tensor                  # D(x) [N, C, H, W]
+    logits: torch.Tensor | None             # head on CLS + visible tokens [N, 1 + K, out], if discriminative
+
+
+class Teacher(nn.Module):
+    """EMA copy of the student encoder and head; sees every token of a nearly clean input."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.head = copy.deepcopy(head).requires_grad_(False)
+
+    def forward(self, x, t, y):                             # x: c_in * x_teacher [N, C, H, W]
+        tokens = self.encoder(x, t, y)[0]                   # [N, 1 + L, D]
+        return self.head(tokens)                            # [N, 1 + L, out]
+
+
+class DiffusionModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        backbone = Backbone(config)
+        initialize_backbone(backbone)
+        self.denoiser = EDMPrecond(backbone, config.sigma_data)
+        self.head = self.teacher = self.disc = None
+        if config.disc_weight > 0:
+            self.head = ProjectionHead(config.hidden_size, config.head_out_size,
+                                       config.head_hidden_size, config.head_bottleneck_size)
+            self.teacher = Teacher(backbone.encoder, self.head)
+            self.disc = DiscriminativeLoss(config.head_out_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.denoiser.net.encoder.x_embedder.num_patches
+
+    def student_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("teacher.")]
+
+    def forward(self, x, sigma, labels=None, ids_keep=None) -> StudentOutput:
+        """The student's training pass (what DDP wraps); sampling uses `denoiser` directly."""
+        denoised, tokens = self.denoiser.denoise(x, sigma, labels, ids_keep)
+        logits = self.head(tokens) if self.head is not None else None
+        return StudentOutput(denoised, logits)

@@ -1,0 +1,110 @@
+"""Model configuration and the name registry: DiT-{S,B,L,XL}/{2,4,8}, MaskDiT-..., SD-DiT-...
+
+One switchboard describes every family, so the baselines differ from SD-DiT only in these fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from sddit.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SD-DiT-S/2"
+    # data (filled from the dataset's codec and manifest)
+    input_size: int = 32                  # latent side length
+    in_channels: int = 4
+    num_classes: int = 1000               # 0: unconditional
+    # backbone (DiT)
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = False             # DiT's extra variance channels; EDM does not use them
+    sigma_data: float = 0.5
+    # masking and decoder
+    mask_ratio: float = 0.0               # fraction of patch tokens the encoder does not see
+    mask_token: bool = False              # fill invisible tokens with a learned token (MaskDiT) or the noisy patches (SD-DiT)
+    mae_weight: float = 0.0               # MaskDiT's loss on masked patches
+    decoder_depth: int = 0
+    decoder_hidden_size: int = 512
+    decoder_num_heads: int = 16
+    # discrimination (0 weight: no CLS token use, no head, no teacher)
+    cls_token: bool = False
+    disc_weight: float = 0.0
+    head_hidden_size: int = 2048
+    head_bottleneck_size: int = 256
+    head_out_size: int = 8192             # K
+
+    def validate(self) -> "ModelConfig":
+        def need(ok: bool, field: str, message: str):
+            if not ok:
+                raise ConfigError(f"model.{field}", message)
+
+        need(parse_name(self.name) is not None, "name",
+             f"unknown model {self.name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        for field in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                      "head_hidden_size", "head_bottleneck_size", "head_out_size"):
+            need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+        need(self.num_classes >= 0, "num_classes", f"must be >= 0 (0 = unconditional), got {self.num_classes}")
+        need(self.input_size % self.patch_size == 0, "input_size",
+             f"{self.input_size} is not divisible by patch_size {self.patch_size}")
+        need(self.hidden_size % self.num_heads == 0, "num_heads",
+             f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        need(0.0 <= self.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
+        need(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
+        need(self.decoder_depth >= 0, "decoder_depth", f"must be >= 0, got {self.decoder_depth}")
+        if self.decoder_depth > 0:
+            need(self.decoder_hidden_size % self.decoder_num_heads == 0, "decoder_num_heads",
+                 f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by {self.decoder_num_heads} heads")
+        need(self.mae_weight >= 0, "mae_weight", f"must be >= 0, got {self.mae_weight}")
+        need(self.disc_weight >= 0, "disc_weight", f"must be >= 0, got {self.disc_weight}")
+        need(self.disc_weight == 0 or self.cls_token, "cls_token",
+             "the discriminative loss (disc_weight > 0) needs the CLS token")
+        need(not self.mask_token or self.mask_ratio > 0, "mask_token", "a mask token needs mask_ratio > 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: sizes as in DiT, families as in the papers
+# ---------------------------------------------------------------------------------------------
+
+SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+LIGHT_DECODER = dict(decoder_depth=8, decoder_hidden_size=512, decoder_num_heads=16)
+FAMILIES = {
+    "DiT": dict(),
+    "MaskDiT": dict(mask_ratio=0.5, mask_token=True, mae_weight=0.1, **LIGHT_DECODER),
+    "SD-DiT": dict(mask_ratio=0.2, cls_token=True, disc_weight=1.0, **LIGHT_DECODER),
+}
+PATCH_SIZES = (2, 4, 8)
+MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in FAMILIES for size in SIZES for patch in PATCH_SIZES)
+_NAME = re.compile(r"^(DiT|MaskDiT|SD-DiT)-(S|B|L|XL)/(2|4|8)$")
+
+
+def parse_name(name: str):
+    """'SD-DiT-XL/2' -> ('SD-DiT', 'XL', 2), or None for an unknown name."""
+    match = _NAME.match(name) if isinstance(name, str) else None
+    return (match[1], match[2], int(match[3])) if match else None
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The registry's configuration for `name`, with `overrides` applied, validated."""
+    parsed = parse_name(name)
+    if parsed is None:
+        raise ConfigError("model.name", f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    family, size, patch = parsed
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"model.{key}", f"unknown field; known fields: {', '.join(sorted(known))}")
+    fields = {**SIZES[size], **FAMILIES[family], "patch_size": patch, **overrides}
+    return ModelConfig(name=name, **fields).validate()

@@ -1,0 +1,129 @@
+"""One batch's training loss, and the updates that follow a successful optimiser step.
+
+`training_loss` is the single place where DiT, MaskDiT and SD-DiT differ at training time, and
+only through the model's configuration (mask ratio, mask token, MAE weight, discriminative weight).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sddit.config import DiffusionConfig, DiscriminationConfig
+from sddit.diffusion import edm_coefficients, edm_loss_weight, sample_sigma
+from sddit.models.dit import gather_tokens, random_keep
+from sddit.models.model import DiffusionModel
+from sddit.schedules import ema_update
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor                      # scalar to backpropagate
+    parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch
+    teacher_cls: torch.Tensor | None = None    # detached teacher logits, for the centre update after the step
+    teacher_patch: torch.Tensor | None = None
+
+
+def unwrap(model) -> DiffusionModel:
+    """The DiffusionModel inside a DistributedDataParallel (or compiled) wrapper."""
+    while not isinstance(model, DiffusionModel):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def per_patch_mean(x, patch_size: int):                     # [N, C, H, W] -> [N, L]
+    return F.avg_pool2d(x.mean(dim=1, keepdim=True), patch_size).flatten(1)
+
+
+def patchify(x, patch_size: int):                           # [N, C, H, W] -> [N, L, p*p*C]
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch_size) * (w // patch_size), -1)
+
+
+def mae_patch_loss(denoised, x0, masked, patch_size: int):
+    """MaskDiT's MAE term: per-patch-normalised clean target vs. prediction, mean over masked patches."""
+    target = patchify(x0, patch_size)
+    target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+    err = ((patchify(denoised, patch_size) - target) ** 2).mean(dim=-1)  # [N, L]
+    return ((err * masked).sum(dim=1) / masked.sum(dim=1)).mean()
+
+
+def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: DiscriminationConfig,
+                  teacher_temp: float, generator: torch.Generator | None = None) -> LossOutput:
+    """x0: clean latents [N, C, H, W]; labels: [N] int64 (ignored for unconditional models)."""
+    net = unwrap(model)
+    cfg = net.config
+    n_batch, device = x0.shape[0], x0.device
+
+    # noise the data: x = x0 + sigma n, with EDM's log-normal sigma
+    sigma = sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std, device=device, generator=generator)
+    n = torch.randn(x0.shape, device=device, generator=generator)
+    x = x0 + sigma * n
+
+    # drop labels to the null class for classifier-free guidance
+    if cfg.num_classes > 0 and diffusion.label_dropout > 0:
+        drop = torch.rand(n_batch, device=device, generator=generator) < diffusion.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels)
+    elif cfg.num_classes == 0:
+        labels = None
+
+    # choose the visible tokens, per sample
+    ids_keep = None
+    if cfg.mask_ratio > 0:
+        ids_keep = random_keep(n_batch, net.num_patches, cfg.mask_ratio, device=device, generator=generator)
+
+    # student: denoise from the visible tokens, head on CLS + visible tokens
+    out = model(x, sigma, labels, ids_keep)
+    err = edm_loss_weight(sigma, cfg.sigma_data) * (out.denoised - x0) ** 2  # [N, C, H, W]
+    parts = {}
+    if ids_keep is not None and cfg.mask_token:
+        # MaskDiT: denoising loss on visible patches, MAE loss on the masked ones
+        visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)
+        patch_err = per_patch_mean(err, cfg.patch_size)
+        loss_gen = ((patch_err * visible).sum(dim=1) / visible.sum(dim=1)).mean()
+        parts["loss_mae"] = mae_patch_loss(out.denoised, x0, 1.0 - visible, cfg.patch_size)
+        loss = loss_gen + cfg.mae_weight * parts["loss_mae"]
+    else:
+        # DiT and SD-DiT: EDM loss over the full latent
+        loss_gen = loss = err.mean()
+    parts["loss_gen"] = loss_gen
+
+    # discrimination: teacher on x0 + teacher_sigma n (same n, no mask), gathered at the kept positions
+    teacher_cls = teacher_patch = None
+    if net.teacher is not None:
+        with torch.no_grad():
+            t_sigma = torch.full((n_batch, 1, 1, 1), diffusion.teacher_sigma, device=device)
+            _, _, c_in, c_noise = edm_coefficients(t_sigma, cfg.sigma_data)
+            t_logits = net.teacher(c_in * (x0 + t_sigma * n), c_noise.flatten(), labels)  # [N, 1 + L, K]
+            teacher_cls, teacher_patch = t_logits[:, 0], t_logits[:, 1:]
+            if ids_keep is not None:
+                teacher_patch = gather_tokens(teacher_patch, ids_keep)
+        loss_cls, loss_patch = net.disc(out.logits[:, 0], out.logits[:, 1:], teacher_cls, teacher_patch,
+                                        student_temp=disc.student_temp, teacher_temp=teacher_temp)
+        parts.update(loss_cls=loss_cls, loss_patch=loss_patch)
+        loss = loss + cfg.disc_weight * (loss_cls + loss_patch)
+
+    parts = {key: value.detach() for key, value in parts.items()}
+    parts["loss"] = loss.detach()
+    return LossOutput(loss, parts, teacher_cls, teacher_patch)
+
+
+@torch.no_grad()
+def after_step(model, generation_ema, out: LossOutput, *, teacher_momentum: float,
+               centre_momentum: float, generation_decay: float) -> None:
+    """Teacher EMA, centre update, generation EMA: only after a step whose update was applied."""
+    net = unwrap(model)
+    if net.teacher is not None:
+        ema_update(net.teacher.encoder, net.denoiser.net.encoder, teacher_momentum)
+        ema_update(net.teacher.head, net.head, teacher_momentum)
+        net.disc.update_centres(out.teacher_cls, out.teacher_patch, centre_momentum)
+    if generation_ema is not None:
+        ema_update(generation_ema, net.denoiser, generation_decay)
+
+
+def make_generation_ema(model):
+    """A frozen copy of the student's preconditioned encoder + decoder, used for sampling."""
+    return copy.deepcopy(unwrap(model).denoiser).requires_grad_(False).eval()

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from sddit.config import Config
+from sddit.models import model_config
+
+torch.set_num_threads(2)
+
+
+def tiny_config(name: str = "SD-DiT-S/2", **model_overrides) -> Config:
+    """A config whose model builds and steps in milliseconds on a CPU."""
+    overrides = dict(input_size=8, in_channels=2, num_classes=5, hidden_size=32, depth=2, num_heads=2,
+                     decoder_depth=1, decoder_hidden_size=16, decoder_num_heads=2, head_hidden_size=32,
+                     head_bottleneck_size=16, head_out_size=64)
+    overrides.update(model_overrides)
+    config = Config()
+    config.model = model_config(name, **overrides)
+    config.train.steps = 200
+    config.disc.teacher_temp_warmup_steps = 10
+    config.optim.lr = 1e-3
+    return config.validate()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

@@ -1,0 +1,83 @@
+import subprocess
+import sys
+
+import pytest
+
+from sddit.config import Config, apply_overrides, config_from_dict, load_preset, preset_names, save_config
+from sddit.errors import ConfigError
+from sddit.models import build_from_config
+
+
+def test_presets_load_and_have_the_paper_recipe():
+    assert {"demo", "imagenet256-S2", "imagenet256-B2", "imagenet256-XL2"} <= set(preset_names())
+    expected_steps = {"imagenet256-S2": 400_000, "imagenet256-B2": 400_000, "imagenet256-XL2": 2_400_000}
+    for name, steps in expected_steps.items():
+        cfg = load_preset(name)
+        assert cfg.model.name == "SD-DiT-" + name.split("-")[1][:-1] + "/2"
+        assert cfg.train.steps == steps and cfg.optim.batch_size == 256
+        assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0
+        assert cfg.model.mask_ratio == 0.2 and cfg.disc.student_temp == 0.1
+        assert (cfg.disc.teacher_temp_start, cfg.disc.teacher_temp_end) == (0.09, 0.099)
+        assert (cfg.ema.teacher_momentum_start, cfg.ema.teacher_momentum_end) == (0.996, 0.999)
+        assert (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes) == (32, 4, 1000)
+
+
+def test_demo_preset_is_tiny_and_pixel_space():
+    cfg = load_preset("demo")
+    assert cfg.data.codec == "pixel" and cfg.model.in_channels == 1 and cfg.model.num_classes == 10
+    assert sum(p.numel() for p in build_from_config(cfg.model).student_parameters()) < 5e6
+
+
+@pytest.mark.parametrize("section,key,value,field", [
+    ("model", "mask_ratio", 1.0, "model.mask_ratio"),
+    ("model", "mask_ratio", "lots", "model.mask_ratio"),
+    ("model", "name", "SD-DiT-XXL/2", "model.name"),
+    ("diffusion", "teacher_sigma", 0.0, "diffusion.teacher_sigma"),
+    ("diffusion", "p_std", -1.0, "diffusion.p_std"),
+    ("disc", "student_temp", 0.0, "disc.student_temp"),
+    ("disc", "teacher_temp_end", -0.1, "disc.teacher_temp_end"),
+    ("ema", "generation_decay", 1.0, "ema.generation_decay"),
+    ("optim", "precision", "fp8", "optim.precision"),
+    ("optim", "lr", 0, "optim.lr"),
+    ("train", "steps", 0, "train.steps"),
+    ("data", "codec", "jpeg", "data.codec"),
+    ("optim", "momentum", 0.9, "optim.momentum"),
+])
+def test_bad_values_name_their_field(section, key, value, field):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({section: {key: value}})
+    assert info.value.field == field
+    assert str(info.value).startswith(field + ":")
+
+
+def test_unknown_section_and_preset():
+    with pytest.raises(ConfigError, match="^trainer"):
+        config_from_dict({"trainer": {}})
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
+        load_preset("nope")
+
+
+def test_overrides_and_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(load_preset("demo"), ["model.mask_ratio=0.5", "optim.lr=3e-4", "diffusion.teacher_sigma=0.1",
+                                                "optim.betas=0.9,0.95"])
+    assert cfg.model.mask_ratio == 0.5 and cfg.optim.lr == 3e-4 and cfg.diffusion.teacher_sigma == 0.1
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.hidden_size == 128                    # the preset's other overrides survive
+    path = tmp_path / "best.yaml"
+    save_config(cfg, path)
+    assert load_preset(path) == cfg
+    with pytest.raises(ConfigError, match="^model.mask_ratio"):
+        apply_overrides(cfg, ["model.mask_ratio=2"])
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        apply_overrides(cfg, ["mask_ratio=0.1"])
+    assert cfg.flat()["model.mask_ratio"] == 0.5
+
+
+def test_default_config_is_valid():
+    assert Config().validate().model.name == "SD-DiT-S/2"
+
+
+def test_library_imports_without_ray():
+    code = ("import sys, sddit.config, sddit.models, sddit.diffusion, sddit.objective, sddit.training, "
+            "sddit.schedules, sddit.discrimination; assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

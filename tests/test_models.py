@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from sddit.errors import ConfigError
+from sddit.models import MODEL_NAMES, build
+from tests.conftest import tiny_config
+from sddit.models import build_from_config
+
+
+def count_student(model):
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("teacher."))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("DiT-XL/2", 675_129_632), ("DiT-L/2", 458_102_816), ("DiT-B/2", 130_512_416), ("DiT-S/2", 32_963_360),
+])
+def test_dit_parameter_counts_match_reference(name, expected):
+    with torch.device("meta"):
+        model = build(name, learn_sigma=True)
+    assert count_student(model) == expected
+    assert model.teacher is None
+    net = model.denoiser.net
+    assert net.out_channels == 8
+    assert net.encoder.y_embedder.embedding_table.num_embeddings == 1001
+
+
+def test_sddit_xl2_student_within_one_percent_of_paper():
+    with torch.device("meta"):
+        model = build("SD-DiT-XL/2")
+    assert abs(count_student(model) / 740.6e6 - 1) < 0.01
+    teacher = sum(p.numel() for n, p in model.named_parameters() if n.startswith("teacher."))
+    encoder = sum(p.numel() for p in model.denoiser.net.encoder.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert teacher == encoder + head
+
+
+def test_every_registered_name_builds_with_its_sizes():
+    assert len(MODEL_NAMES) == 36
+    with torch.device("meta"):
+        for name in MODEL_NAMES:
+            model = build(name)
+            cfg = model.config
+            assert cfg.hidden_size % cfg.num_heads == 0
+            assert model.denoiser.net.encoder.x_embedder.num_patches == (32 // cfg.patch_size) ** 2
+    assert build("SD-DiT-B/4", input_size=16).config.depth == 12
+
+
+def test_family_switchboard():
+    with torch.device("meta"):
+        dit, maskdit, sddit = build("DiT-S/2"), build("MaskDiT-S/2"), build("SD-DiT-S/2")
+    assert (dit.config.mask_ratio, dit.config.decoder_depth, dit.teacher) == (0.0, 0, None)
+    assert maskdit.config.mask_ratio == 0.5 and maskdit.config.mask_token and maskdit.config.mae_weight == 0.1
+    assert maskdit.teacher is None and maskdit.denoiser.net.decoder.mask_token is not None
+    assert sddit.config.mask_ratio == 0.2 and sddit.denoiser.net.decoder.mask_token is None
+    assert sddit.config.decoder_depth == 8 and sddit.config.decoder_hidden_size == 512
+    assert sddit.teacher is not None and sddit.head.last_layer.out_features == 8192
+
+
+def test_teacher_parameters_are_frozen_and_named_teacher():
+    model = build_from_config(tiny_config().model)
+    for name, p in model.named_parameters():
+        if name.startswith("teacher."):
+            assert not p.requires_grad
+    assert any(n.startswith("teacher.encoder.blocks.") for n, _ in model.named_parameters())
+    assert any(n.startswith("teacher.head.") for n, _ in model.named_parameters())
+
+
+def test_token_counts_seen_by_encoder_and_decoder():
+    config = tiny_config(input_size=8, mask_ratio=0.25)     # 16 patches, keep int(16 * 0.75) = 12
+    model = build_from_config(config.model)
+    seen = {}
+    net = model.denoiser.net
+    net.encoder.blocks[0].register_forward_hook(lambda m, a, o: seen.__setitem__("encoder", a[0].shape))
+    net.decoder.blocks[0].register_forward_hook(lambda m, a, o: seen.__setitem__("decoder", a[0].shape))
+    from sddit.models.dit import random_keep
+    ids_keep = random_keep(3, 16, 0.25)
+    out = model(torch.randn(3, 2, 8, 8), torch.full((3,), 1.0), torch.tensor([0, 1, 2]), ids_keep)
+    assert seen["encoder"] == (3, 1 + 12, 32)               # CLS + visible tokens only
+    assert seen["decoder"] == (3, 16, 16)                   # every patch, at decoder width
+    assert out.denoised.shape == (3, 2, 8, 8)
+    assert out.logits.shape == (3, 13, 64)
+
+
+def test_random_keep_is_per_sample_sorted_and_unique():
+    from sddit.models.dit import random_keep
+    ids = random_keep(64, 256, 0.2, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (64, 204)
+    assert (ids.diff(dim=1) > 0).all()
+    assert len({tuple(row.tolist()) for row in ids}) == 64  # different positions per sample
+
+
+def test_invisible_tokens_are_the_noisy_patches_not_a_learned_token():
+    """SD-DiT puts the invisible noisy patches back, so the network output depends on them;
+    MaskDiT fills those positions with its mask token, so its output cannot."""
+    ids_keep = torch.arange(8).unsqueeze(0)                 # keep the first 8 of 16 patches (top half)
+    x = torch.randn(1, 2, 8, 8)
+    x2 = x.clone()
+    x2[..., 4:, :] += 1.0                                   # bottom half: only invisible patches change
+    t, y = torch.tensor([0.0]), torch.tensor([1])
+    for name, depends in (("SD-DiT-S/2", True), ("MaskDiT-S/2", False)):
+        model = build_from_config(tiny_config(name, mask_ratio=0.5).model)
+        torch.nn.init.normal_(model.denoiser.net.decoder.final_layer.linear.weight)  # zero-init would hide it
+        f1 = model.denoiser.net(x, t, y, ids_keep)[0]
+        f2 = model.denoiser.net(x2, t, y, ids_keep)[0]
+        assert (not torch.allclose(f1[..., 4:, :], f2[..., 4:, :])) == depends, name
+
+
+def test_unconditional_model_has_no_label_table():
+    model = build_from_config(tiny_config(num_classes=0).model)
+    assert model.denoiser.net.encoder.y_embedder is None
+    d = model.denoiser(torch.randn(2, 2, 8, 8), torch.tensor(1.0), None)
+    assert d.shape == (2, 2, 8, 8)
+
+
+@pytest.mark.parametrize("name,kwargs,field", [
+    ("SD-DiT-Q/2", {}, "model.name"),
+    ("SD-DiT-S/3", {}, "model.name"),
+    ("SD-DiT-S/2", {"mask_ratio": 1.0}, "model.mask_ratio"),
+    ("SD-DiT-S/2", {"mask_ratio": -0.1}, "model.mask_ratio"),
+    ("SD-DiT-S/2", {"num_heads": 5}, "model.num_heads"),
+    ("SD-DiT-S/2", {"input_size": 31}, "model.input_size"),
+    ("SD-DiT-S/2", {"cls_token": False}, "model.cls_token"),
+    ("SD-DiT-S/2", {"no_such_field": 1}, "model.no_such_field"),
+])
+def test_bad_model_config_names_the_field(name, kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        build(name, **kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
