@@ -52,12 +52,12 @@ def main():
 
     # train: one readable loop, progress in images
     start = time.time()
-    skipped = 0
+    skipped = torch.zeros((), dtype=torch.long)
     bar = tqdm(range(config.train.steps), desc="train", unit="step")
     for step in bar:
         idx = torch.randint(0, len(x_all), (batch,))
         result = train_step(model, optimizer, ema, x_all[idx], y_all[idx], step=step, config=config, schedules=schedules)
-        skipped += not result.applied
+        skipped += ~result.applied           # counted on the device: no per-step sync
         if step % config.train.log_every == 0:
             bar.set_postfix(loss=f"{result.parts['loss'].item():.3f}", gen=f"{result.parts['loss_gen'].item():.3f}")
     train_seconds = time.time() - start
@@ -69,7 +69,7 @@ def main():
     samples = edm_sample(ema, noise, labels, steps=18, cfg_scale=args.cfg_scale)
     grid = save_grid(samples.clamp(-1, 1), Path(args.out) / "samples.png", nrow=10, scale=4)
     print(f"trained {config.model.name} ({config.train.steps} steps, {config.train.steps * batch} images, "
-          f"{skipped} skipped) in {train_seconds:.0f} s; final loss {result.parts['loss'].item():.3f}")
+          f"{skipped.item()} skipped) in {train_seconds:.0f} s; final loss {result.parts['loss'].item():.3f}")
     print(f"samples (row i = digit i, CFG {args.cfg_scale}): {grid}")
 
 

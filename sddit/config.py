@@ -89,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
     max_bad_steps: int = 10                # consecutive non-finite steps before the run stops
+    compile: bool = False                  # torch.compile student, head, teacher and loss (worth it on GPU)
 
     def validate(self):
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):

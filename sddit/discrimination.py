@@ -40,6 +40,8 @@ class DiscriminativeLoss(nn.Module):
         return loss_cls, loss_patch
 
     @torch.no_grad()
-    def update_centres(self, teacher_cls, teacher_patch, momentum: float) -> None:
-        self.centre_cls.mul_(momentum).add_(global_mean(teacher_cls), alpha=1 - momentum)
-        self.centre_patch.mul_(momentum).add_(global_mean(teacher_patch), alpha=1 - momentum)
+    def update_centres(self, teacher_cls, teacher_patch, momentum: float, gate: torch.Tensor | None = None) -> None:
+        """EMA of the teacher's batch-mean logits; where the 0-d bool `gate` is False, nothing changes."""
+        for centre, logits in ((self.centre_cls, teacher_cls), (self.centre_patch, teacher_patch)):
+            updated = momentum * centre + (1 - momentum) * global_mean(logits)
+            centre.copy_(updated if gate is None else torch.where(gate, updated, centre))

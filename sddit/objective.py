@@ -113,15 +113,17 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
 
 @torch.no_grad()
 def after_step(model, generation_ema, out: LossOutput, *, teacher_momentum: float,
-               centre_momentum: float, generation_decay: float) -> None:
-    """Teacher EMA, centre update, generation EMA: only after a step whose update was applied."""
+               centre_momentum: float, generation_decay: float, applied: torch.Tensor | None = None) -> None:
+    """Teacher EMA, centre update, generation EMA. `applied` (0-d bool on the device) gates all
+    three, so a skipped optimiser step changes nothing here either, without a host sync."""
     net = unwrap(model)
+    gate = None if applied is None else applied.to(torch.float32)
     if net.teacher is not None:
-        ema_update(net.teacher.encoder, net.denoiser.net.encoder, teacher_momentum)
-        ema_update(net.teacher.head, net.head, teacher_momentum)
-        net.disc.update_centres(out.teacher_cls, out.teacher_patch, centre_momentum)
+        ema_update(net.teacher.encoder, net.denoiser.net.encoder, teacher_momentum, gate)
+        ema_update(net.teacher.head, net.head, teacher_momentum, gate)
+        net.disc.update_centres(out.teacher_cls, out.teacher_patch, centre_momentum, applied)
     if generation_ema is not None:
-        ema_update(generation_ema, net.denoiser, generation_decay)
+        ema_update(generation_ema, net.denoiser, generation_decay, gate)
 
 
 def make_generation_ema(model):

@@ -41,8 +41,17 @@ class Schedules:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * source, over parameters (same architecture)."""
-    target_params = list(target.parameters())
-    source_params = list(source.parameters())
-    torch._foreach_lerp_(target_params, [p.detach() for p in source_params], 1.0 - decay)
+def ema_update(target: nn.Module, source: nn.Module, decay: float, gate: torch.Tensor | None = None) -> None:
+    """target <- decay * target + (1 - decay) * source, over parameters (same architecture).
+
+    `gate` (a 0-d 0/1 tensor on the device) scales the update without a host sync: 0 leaves
+    `target` exactly as it was.
+    """
+    targets = list(target.parameters())
+    sources = [p.detach() for p in source.parameters()]
+    if gate is None:
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
+        return
+    steps = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(steps, gate * (1.0 - decay))
+    torch._foreach_add_(targets, steps)

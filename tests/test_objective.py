@@ -116,6 +116,20 @@ def test_schedules():
     assert s.generation_decay(0) == pytest.approx(0.1) and s.generation_decay(10**9) == config.ema.generation_decay
 
 
+def test_nan_gradient_with_finite_loss_is_skipped():
+    config = tiny_config()
+    model, optimizer, ema, schedules = build_training(config)
+    x0, y = batch()
+    before = copy.deepcopy(model.state_dict())
+    weight = model.denoiser.net.encoder.blocks[0].mlp.fc1.weight
+    handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    result = train_step(model, optimizer, ema, x0, y, step=0, config=config, schedules=schedules)
+    handle.remove()
+    assert torch.isfinite(result.parts["loss"]) and not torch.isfinite(result.grad_norm)
+    assert not result.applied
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_non_finite_step_is_skipped_entirely():
     config = tiny_config()
     model, optimizer, ema, schedules = build_training(config)
@@ -123,12 +137,15 @@ def test_non_finite_step_is_skipped_entirely():
     train_step(model, optimizer, ema, x0, y, step=0, config=config, schedules=schedules)  # optimiser state exists
     state = copy.deepcopy(model.state_dict())
     ema_state = copy.deepcopy(ema.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
     bad = x0.clone()
     bad[0, 0, 0, 0] = float("nan")
     result = train_step(model, optimizer, ema, bad, y, step=1, config=config, schedules=schedules)
     assert not result.applied
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())      # incl. teacher, centres
     assert all(torch.equal(v, ema.state_dict()[k]) for k, v in ema_state.items())
+    for key, saved in optimizer_state["state"].items():    # moments and step counters too
+        assert all(torch.equal(v, optimizer.state_dict()["state"][key][name]) for name, v in saved.items())
     assert train_step(model, optimizer, ema, x0, y, step=1, config=config, schedules=schedules).applied
 
 

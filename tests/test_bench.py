@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on CPU at toy sizes and write what they promise."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_time_bench_writes_a_record(tmp_path):
+    out = tmp_path / "step_time.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
+                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True)
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert [row["model"] for row in record["rows"]] == ["DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"]
+    dit, maskdit, sddit = record["rows"]
+    assert 0 < dit["gflops_per_image"] < sddit["gflops_per_image"]
+    assert record["sddit_over_dit_flops"] == sddit["gflops_per_image"] / dit["gflops_per_image"]
+    assert all(row["loss_finite"] and row["img_per_s"] > 0 for row in record["rows"])
+
+
+def test_gpu_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "bench/gpu.py"), "--device", "cpu", "--sizes", "S/8",
+                    "--families", "DiT,SD-DiT", "--batch-size", "2", "--input-size", "16", "--no-compile",
+                    "--steps", "1", "--warmup", "1", "--matmul-size", "256", "--vae-batch-size", "1",
+                    "--vae-resolution", "32", "--sample-model", "DiT-S/8", "--sample-batch-size", "2",
+                    "--sample-steps", "2", "--out-dir", str(tmp_path)], check=True, capture_output=True)
+    report = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    assert report["matmul_tflops"]["bf16"] > 0
+    assert [row["model"] for row in report["training"]] == ["DiT-S/8", "SD-DiT-S/8"]
+    assert all(0 < row["mfu"] for row in report["training"])
+    assert "S/8" in report["sddit_over_dit"]
+    assert report["vae_encode"]["img_per_s"] > 0
+    assert report["sampling"][0]["network_evaluations"] == 6  # 2 Heun steps (3 evaluations) x CFG
+    assert "| SD-DiT-S/8 |" in next(tmp_path.glob("gpu-*.md")).read_text()
