@@ -13,9 +13,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 1, padding: int = 1) -> Path:
+def grid_image(x: torch.Tensor, nrow: int, scale: int = 1, padding: int = 1) -> Image.Image:
     """Tile [-1, 1] images [N, C, H, W] into rows of `nrow` on a grey background (so images that fill
-    their frame stay apart), optionally upscaled (nearest), as a PNG."""
+    their frame stay apart), optionally upscaled (nearest)."""
     images = to_uint8(x)
     n, h, w, c = images.shape
     rows = -(-n // nrow)
@@ -28,6 +28,12 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 1, padd
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return picture
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 1, padding: int = 1) -> Path:
+    """`grid_image` written as a PNG."""
+    picture = grid_image(x, nrow, scale, padding)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)

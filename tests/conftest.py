@@ -24,3 +24,25 @@ def tiny_config(name: str = "SD-DiT-S/2", **model_overrides) -> Config:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for every test that runs a pipeline in-process."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory):
+    from tests.fixtures import make_image_tree
+    root = tmp_path_factory.mktemp("imagenet") / "train"
+    return root, make_image_tree(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    from tests.fixtures import make_tiny_vae
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")

@@ -1,0 +1,265 @@
+"""Stage 1, encode: an ImageNet-style folder of images -> Parquet latent shards + manifest.json.
+
+    python pipelines/encode.py --data ILSVRC/Data/CLS-LOC/train --out /shared/latents/in256
+
+Ray Data runs decoding + ADM centre crop as CPU tasks and encoding as a pool of actors (one per
+GPU when the cluster has GPUs), so the two pipeline. The driver consumes the results in input
+order and writes each shard atomically as soon as it is complete: a re-run with the same
+arguments skips finished shards and produces exactly the rows an uninterrupted run would.
+Bad inputs (corrupt, truncated, not images) are skipped one by one and listed in the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit import code_version  # noqa: E402
+from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
+from sddit.data import (MANIFEST, DataError, EncodeSettings, Manifest, find_class_names, file_sha256,  # noqa: E402
+                        list_image_folder, load_image, read_shard_metadata, shard_name, shard_schema, shard_table,
+                        write_atomic)
+from pipelines.common import Progress, init_ray  # noqa: E402
+
+SETTINGS_FILE = "encode_settings.json"
+# Test hook: hard-exit (like SIGKILL: no cleanup, no manifest) after writing this many shards.
+CRASH_AFTER_ENV = "SDDIT_FAULT_ENCODE_EXIT_AFTER_SHARDS"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="input root: ROOT/<class folder>/<images>, labels in sorted folder order")
+    parser.add_argument("--out", required=True, help="output directory for part-NNNNN.parquet and manifest.json")
+    parser.add_argument("--codec", default="sd-vae", choices=["sd-vae", "pixel"],
+                        help="sd-vae: store the VAE posterior mean/std (float16); pixel: store the pixels (default sd-vae)")
+    parser.add_argument("--vae", default=DEFAULT_VAE, help=f"hub id or local directory of a diffusers AutoencoderKL (default {DEFAULT_VAE})")
+    parser.add_argument("--resolution", type=int, default=256, help="side of the ADM centre crop in pixels (default 256)")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", help="do not add a horizontally flipped row per image")
+    parser.add_argument("--limit-per-class", type=int, default=None, help="take only the first N images (sorted) of each class")
+    parser.add_argument("--rows-per-shard", type=int, default=2048, help="rows per Parquet shard (default 2048; even with flips)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per encoder call (default 64 on GPU, 16 on CPU)")
+    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' for a running cluster; default: local)")
+    parser.add_argument("--run-dir", default="runs", help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
+    args = parser.parse_args(argv)
+    if args.resolution < 8 or (args.codec == "sd-vae" and args.resolution % 8):
+        parser.error(f"--resolution {args.resolution}: must be >= 8 (and a multiple of 8 for sd-vae)")
+    if args.rows_per_shard < 2:
+        parser.error(f"--rows-per-shard {args.rows_per_shard}: must be >= 2")
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        parser.error(f"--limit-per-class {args.limit_per_class}: must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages
+# ---------------------------------------------------------------------------------------------
+
+def decode_batch(batch: dict, root: str, resolution: int) -> dict:
+    """CPU task: read, convert and centre-crop each file; a bad file becomes a reason, not an error."""
+    images, ok, reasons, conversions = [], [], [], []
+    for image_id in batch["image_id"]:
+        image, reason, conversion = load_image(os.path.join(root, image_id), resolution)
+        ok.append(image is not None)
+        images.append(image if image is not None else np.zeros((resolution, resolution, 3), np.uint8))
+        reasons.append(reason or "")
+        conversions.append(conversion or "")
+    return {**batch, "image": np.stack(images), "ok": np.array(ok), "reason": np.array(reasons, dtype=object),
+            "conversion": np.array(conversions, dtype=object)}
+
+
+class EncodeBatch:
+    """Actor: holds the codec (the VAE on its GPU) and encodes each image and its mirror image."""
+
+    def __init__(self, codec: str, vae: str, use_gpu: bool):
+        import torch
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.codec = make_codec(codec, vae, device=device, dtype=dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        images, ok = batch.pop("image"), batch["ok"].astype(bool)
+        shape = self.codec.stored_shape(images.shape[1])
+        for key, view in (("stored", images), ("stored_flipped", images[:, :, ::-1])):
+            out = np.zeros((len(images), *shape), dtype=self.codec.stored_dtype)
+            if ok.any():
+                out[ok] = self.codec.encode(np.ascontiguousarray(view[ok]))
+            batch[key] = out
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: ordered results -> atomic shards
+# ---------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Collects the rows of one shard at a time (results arrive in input order) and writes it whole."""
+
+    def __init__(self, out: Path, schema, stored_dtype: str, flip: bool, crash_after: int | None):
+        self.out, self.schema, self.flip, self.crash_after = out, schema, flip, crash_after
+        self.empty = np.zeros((0, *schema.field(0).type.shape), dtype=stored_dtype)
+        self.shard, self.rows, self.skipped, self.conversions = None, [], [], {}
+        self.written = 0
+        self.bytes = 0
+
+    def add(self, batch: dict) -> None:
+        for i in range(len(batch["image_id"])):
+            shard = int(batch["shard"][i])
+            if shard != self.shard:
+                self.flush()
+                self.shard = shard
+            image_id, label = str(batch["image_id"][i]), int(batch["label"][i])
+            if not batch["ok"][i]:
+                self.skipped.append({"image_id": image_id, "reason": str(batch["reason"][i])})
+                continue
+            if batch["conversion"][i]:
+                kind = str(batch["conversion"][i])
+                self.conversions[kind] = self.conversions.get(kind, 0) + 1
+            self.rows.append((batch["stored"][i], label, False, image_id))
+            if self.flip:
+                self.rows.append((batch["stored_flipped"][i], label, True, image_id))
+
+    def flush(self) -> None:
+        if self.shard is None:
+            return
+        values = np.stack([r[0] for r in self.rows]) if self.rows else self.empty
+        metadata = {"skipped": self.skipped, "conversions": self.conversions}
+        table = shard_table(self.schema, values, [r[1] for r in self.rows], [r[2] for r in self.rows],
+                            [r[3] for r in self.rows], metadata)
+        path = self.out / shard_name(self.shard)
+        write_atomic(table, path)
+        self.bytes += path.stat().st_size
+        self.written += 1
+        self.shard, self.rows, self.skipped, self.conversions = None, [], [], {}
+        if self.crash_after is not None and self.written >= self.crash_after:
+            os._exit(137)
+
+
+def check_output_dir(out: Path, settings: EncodeSettings) -> None:
+    """Refuse a directory written with other settings (never mix); create it otherwise."""
+    recorded = out / SETTINGS_FILE
+    if recorded.is_file():
+        previous = json.loads(recorded.read_text())
+        mismatched = {k: (previous.get(k), v) for k, v in asdict(settings).items() if previous.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: existing {old!r} vs requested {new!r}" for k, (old, new) in mismatched.items())
+            raise DataError(f"{out} already holds a dataset encoded with other settings ({detail}); "
+                            f"use another --out or delete {out}")
+    elif out.exists() and any(out.glob("part-*.parquet")) or (out / MANIFEST).exists():
+        raise DataError(f"{out} holds shards but no {SETTINGS_FILE}: not written by this encoder; "
+                        f"use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".part-*.tmp-*"):                 # a temp file left by a killed run
+        stale.unlink()
+    recorded.write_text(json.dumps(asdict(settings), indent=2))
+
+
+def plan(items: list, rows_per_shard: int, flip: bool) -> list[dict]:
+    """Deterministic shard assignment: contiguous runs of the sorted file list."""
+    per_shard = max(rows_per_shard // (2 if flip else 1), 1)
+    return [{"shard": i // per_shard, "image_id": path, "label": label} for i, (path, label) in enumerate(items)]
+
+
+def encode(args) -> Manifest:
+    out = Path(args.out)
+    root = Path(args.data)
+    settings = EncodeSettings(source=str(root.resolve()), codec=args.codec,
+                              vae=args.vae if args.codec == "sd-vae" else None, resolution=args.resolution,
+                              flip=args.flip, limit_per_class=args.limit_per_class, rows_per_shard=args.rows_per_shard)
+    # fail before any cluster work: the VAE must load, the input and output must be usable
+    codec = make_codec(args.codec, args.vae)
+    classes, items = list_image_folder(root, args.limit_per_class)
+    check_output_dir(out, settings)
+    rows = plan(items, args.rows_per_shard, args.flip)
+    num_shards = (rows[-1]["shard"] + 1) if rows else 0
+    done = {i for i in range(num_shards) if (out / shard_name(i)).is_file()}
+    todo = [row for row in rows if row["shard"] not in done]
+    print(f"encode: {len(items)} images in {len(classes)} classes -> {num_shards} shards "
+          f"({len(done)} already complete)", flush=True)
+
+    ray = init_ray(args.address)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    schema = shard_schema(codec.column, codec.stored_shape(args.resolution), codec.stored_dtype)
+    writer = ShardWriter(out, schema, codec.stored_dtype, args.flip,
+                         int(os.environ[CRASH_AFTER_ENV]) if os.environ.get(CRASH_AFTER_ENV) else None)
+    start = time.time()
+    if todo:
+        DataContext.get_current().execution_options.preserve_order = True
+        num_gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = num_gpus > 0 and args.codec == "sd-vae"
+        batch_size = args.batch_size or (64 if use_gpu else 16)
+        ds = ray.data.from_items(todo)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"root": str(root), "resolution": args.resolution},
+                            batch_size=32, num_cpus=1)
+        ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"codec": args.codec, "vae": args.vae,
+                                                                "use_gpu": use_gpu},
+                            compute=ActorPoolStrategy(size=max(num_gpus, 1) if use_gpu else 1),
+                            batch_size=batch_size, num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        progress = Progress(len(todo), "encode")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            writer.add(batch)
+            progress.update(len(batch["image_id"]))
+        writer.flush()
+        progress.close()
+    seconds = time.time() - start
+
+    # manifest: every shard with its row count and checksum, every skip with its reason
+    import pyarrow.parquet as pq
+    shards, skipped, conversions = [], [], {}
+    for i in range(num_shards):
+        path = out / shard_name(i)
+        metadata = read_shard_metadata(path)
+        skipped += metadata["skipped"]
+        for kind, n in metadata["conversions"].items():
+            conversions[kind] = conversions.get(kind, 0) + n
+        shards.append({"file": path.name, "rows": pq.ParquetFile(path).metadata.num_rows, "sha256": file_sha256(path)})
+    names = find_class_names(root, classes)
+    manifest = Manifest(
+        settings=settings, column=codec.column, scaling_factor=codec.scaling_factor,
+        latent_shape=list(codec.latent_shape(args.resolution)), stored_shape=list(codec.stored_shape(args.resolution)),
+        num_rows=sum(s["rows"] for s in shards), shards=shards,
+        classes=[{"index": i, "wnid": c, "name": names.get(c, c)} for i, c in enumerate(classes)],
+        skipped=skipped, conversions=conversions, code_version=code_version(),
+    )
+    manifest.write(out)
+    log_run(args, manifest, codec, images_done=len(todo), seconds=seconds, bytes_written=writer.bytes)
+    print(f"encode: wrote {manifest.num_rows} rows in {num_shards} shards to {out} "
+          f"({len(todo)} images in {seconds:.1f} s; {len(skipped)} skipped, listed in {out / MANIFEST})", flush=True)
+    return manifest
+
+
+def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float, bytes_written: int) -> None:
+    """The stage's MLflow run: parameters, throughput, skips, and decoded samples from the shards."""
+    import mlflow
+
+    from pipelines.tracking import stage_run
+    from sddit.data import decode_preview
+    params = {**asdict(manifest.settings), "num_classes": manifest.num_classes, "num_images": images_done,
+              "code_version": manifest.code_version}
+    with stage_run("encode", args.run_dir, params=params):
+        total_bytes = sum((Path(args.out) / s["file"]).stat().st_size for s in manifest.shards)
+        mlflow.log_metrics({"rows": manifest.num_rows, "skipped": len(manifest.skipped),
+                            "images_per_s": images_done / seconds if seconds > 0 else 0.0,
+                            "total_bytes": total_bytes, "bytes_written_this_run": bytes_written})
+        grid = decode_preview(Path(args.out), manifest, codec)
+        if grid is not None:
+            mlflow.log_image(grid, artifact_file="decoded_samples.png")
+        mlflow.log_dict({"skipped": manifest.skipped}, "skipped.json")
+
+
+def main(argv=None) -> Manifest:
+    return encode(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        sys.exit(f"encode: {error}")

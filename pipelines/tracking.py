@@ -1,0 +1,38 @@
+"""MLflow glue shared by the stages: one store, absolute URIs, a child run per stage."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+EXPERIMENT = os.environ.get("SDDIT_EXPERIMENT", "sddit")
+PARENT_ENV = "SDDIT_PARENT_RUN_ID"
+
+
+def tracking_uri(run_dir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store under the run directory.
+
+    Always absolute: Ray workers change their working directory, and a relative
+    `sqlite:///mlflow.db` would silently land in a Ray temp folder.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    path = Path(run_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, parent_run_id: str | None = None):
+    """An MLflow run for one stage; a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) if given."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(run_dir))
+    mlflow.set_experiment(EXPERIMENT)
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
+                          tags={"sddit.stage": stage}) as run:
+        if params:
+            mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
+        yield run

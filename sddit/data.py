@@ -1,0 +1,251 @@
+"""The data contract: image folders in, Parquet latent shards + manifest.json out (DESIGN.md).
+
+Everything here is plain Python / PyArrow, so the encode stage (Ray) and the trainer (any
+process) agree on one definition of a shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MANIFEST = "manifest.json"
+SHARD_METADATA_KEY = b"sddit.shard"
+FORMAT_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A dataset directory or input tree is unusable; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: an ImageFolder tree, labels in sorted class-folder order
+# ---------------------------------------------------------------------------------------------
+
+def list_image_folder(root: str | Path, limit_per_class: int | None = None):
+    """(class folder names in label order, [(path relative to root, label), ...] sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"input root {str(root)!r} is not a directory")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"input root {str(root)!r} has no class folders (expected ROOT/<class>/<image files>)")
+    items = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            os.path.relpath(os.path.join(dirpath, f), root)
+            for dirpath, _, filenames in os.walk(root / name)
+            for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        items += [(path, label) for path in files[:limit_per_class]]
+    return classes, items
+
+
+def find_class_names(root: Path, classes: list[str]) -> dict[str, str]:
+    """WNID -> human name from ImageNet's LOC_synset_mapping.txt, if one sits at or above the root."""
+    for folder in [root, *root.resolve().parents][:5]:
+        mapping = folder / "LOC_synset_mapping.txt"
+        if mapping.is_file():
+            names = dict(line.strip().split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
+            return {c: names[c] for c in classes if c in names}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and the ADM / DiT centre crop
+# ---------------------------------------------------------------------------------------------
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's crop: BOX-halve while the short side is >= 2x the target, BICUBIC to the target, centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB image and the name of the conversion applied (None if it was RGB already)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: PIL's convert() would clip at 255, so rescale the full range to 8 bits
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.round(arr / peak * 255).clip(0, 255).astype(np.uint8), mode="L")
+    elif mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        span = max(arr.max(initial=0) - arr.min(initial=0), 1e-12)
+        image = Image.fromarray(np.round((arr - arr.min()) / span * 255).astype(np.uint8), mode="L")
+    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # composite on white, as a viewer shows it, instead of exposing undefined colours under alpha 0
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB"), mode.lower()
+
+
+def load_image(path: str | Path, resolution: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(uint8 [R, R, 3] or None, skip reason or None, conversion or None) for one file.
+
+    Never raises for a bad file: corrupt, truncated, non-image or decompression-bomb inputs come
+    back as a reason, so one bad file cannot take down its neighbours.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or error}", None
+    if not data:
+        return None, "empty file", None
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            rgb, conversion = to_rgb(image)
+            if min(rgb.size) < resolution:
+                conversion = (conversion + "+upsampled") if conversion else "upsampled"
+            return center_crop(rgb, resolution), None, conversion
+    except UnidentifiedImageError:
+        return None, "not an image (unrecognised format)", None
+    except Image.DecompressionBombError as error:
+        return None, f"decompression bomb: {error}", None
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "truncated image" if "truncated" in str(error).lower() else f"corrupt image: {error}"
+        return None, reason, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: Arrow schema with native fixed-shape tensors, atomic writes
+# ---------------------------------------------------------------------------------------------
+
+def shard_schema(column: str, shape: tuple[int, ...], dtype: str) -> pa.Schema:
+    value_type = {"float16": pa.float16(), "uint8": pa.uint8()}[dtype]
+    return pa.schema([
+        pa.field(column, pa.fixed_shape_tensor(value_type, list(shape))),
+        pa.field("label", pa.int64()),
+        pa.field("flipped", pa.bool_()),
+        pa.field("image_id", pa.string()),
+    ])
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_table(schema: pa.Schema, values: np.ndarray, labels, flipped, image_ids, metadata: dict) -> pa.Table:
+    """One shard; `metadata` (skips and conversions of its images) rides in the Parquet footer, so it
+    is written atomically with the rows it describes."""
+    tensor_type = schema.field(0).type
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(tensor_type.shape)))
+    columns = [pa.ExtensionArray.from_storage(tensor_type, storage), pa.array(labels, pa.int64()),
+               pa.array(flipped, pa.bool_()), pa.array(image_ids, pa.string())]
+    return pa.Table.from_arrays(columns, schema=schema.with_metadata({SHARD_METADATA_KEY: json.dumps(metadata).encode()}))
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a temporary name in the same directory, then rename: a shard is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_shard_metadata(path: Path) -> dict:
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(SHARD_METADATA_KEY, b'{"skipped": [], "conversions": {}}'))
+
+
+def read_tensor_column(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-shape tensor column as one numpy array [rows, *shape]."""
+    return table.column(column).combine_chunks().to_numpy_ndarray()
+
+
+def decode_preview(directory: Path, manifest: "Manifest", codec, count: int = 16):
+    """Decoded images from the first non-empty shard, as a grid (PIL), to prove the shards decode."""
+    import torch
+
+    from sddit.images import grid_image
+    for shard in manifest.shards:
+        if shard["rows"]:
+            table = pq.read_table(directory / shard["file"]).slice(0, count)
+            stored = torch.from_numpy(read_tensor_column(table, manifest.column).astype(np.float32))
+            latent = codec.to_latent(stored, generator=torch.Generator().manual_seed(0))
+            return grid_image(codec.decode(latent), nrow=8)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EncodeSettings:
+    """What determines a dataset's rows: an existing directory is only continued with equal settings."""
+    source: str
+    codec: str
+    vae: str | None
+    resolution: int
+    flip: bool
+    limit_per_class: int | None
+    rows_per_shard: int
+
+
+@dataclass
+class Manifest:
+    settings: EncodeSettings
+    column: str
+    scaling_factor: float
+    latent_shape: list[int]                 # what the model sees: [C, H, W]
+    stored_shape: list[int]                 # the column's tensor shape
+    num_rows: int
+    shards: list[dict]                      # {"file", "rows", "sha256"}
+    classes: list[dict]                     # {"index", "wnid", "name"}
+    skipped: list[dict]                     # {"image_id", "reason"}
+    conversions: dict[str, int] = field(default_factory=dict)
+    code_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, directory / MANIFEST)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{path}: no manifest; is {str(directory)!r} the output of pipelines/encode.py "
+                            f"(and did that run finish)?")
+        try:
+            data = json.loads(path.read_text())
+            data["settings"] = EncodeSettings(**data["settings"])
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as error:
+            raise DataError(f"{path}: not a valid sddit manifest ({error})") from error

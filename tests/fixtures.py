@@ -1,0 +1,69 @@
+"""Offline stand-ins: a generated ImageNet-layout tree with bad files, and a tiny AutoencoderKL."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+GOOD_PER_CLASS = 6
+
+
+def _jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def make_image_tree(root: Path, seed: int = 0) -> dict:
+    """ROOT/<wnid>/*.JPEG with good images, convertible oddities and files that must be skipped.
+
+    Returns {"good": [relative paths that must yield rows], "bad": {relative path: reason keyword}}.
+    """
+    rng = np.random.default_rng(seed)
+    good, bad = [], {}
+    for c, wnid in enumerate(WNIDS):
+        folder = root / wnid
+        folder.mkdir(parents=True)
+        for i in range(GOOD_PER_CLASS):
+            h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            pixels[..., c] = 255                            # class-coloured, so labels can be checked by eye
+            (folder / f"{wnid}_{i}.JPEG").write_bytes(_jpeg_bytes(Image.fromarray(pixels)))
+            good.append(f"{wnid}/{wnid}_{i}.JPEG")
+    odd = root / WNIDS[0]
+    gray = Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8), mode="L")
+    gray.save(odd / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).convert("CMYK").save(odd / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 256, (48, 48, 4), dtype=np.uint8), mode="RGBA").save(odd / "rgba.png")
+    sixteen = np.full((48, 48), 65535, dtype=np.uint16)
+    sixteen[:30, :20] = 0                                   # asymmetric, so its mirror image differs
+    Image.fromarray(sixteen).save(odd / "sixteen_bit.png")
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(odd / "tiny.JPEG")
+    good += [f"{WNIDS[0]}/{name}" for name in ("gray.png", "cmyk.jpg", "rgba.png", "sixteen_bit.png", "tiny.JPEG")]
+    broken = root / WNIDS[1]
+    valid = _jpeg_bytes(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    (broken / "truncated.JPEG").write_bytes(valid[: len(valid) // 2])
+    (broken / "garbage.JPEG").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    (broken / "text.JPEG").write_text("this is not an image\n")
+    (broken / "empty.JPEG").write_bytes(b"")
+    (broken / "notes.txt").write_text("ignored: not an image extension\n")
+    bad.update({f"{WNIDS[1]}/truncated.JPEG": "truncated", f"{WNIDS[1]}/garbage.JPEG": "not an image",
+                f"{WNIDS[1]}/text.JPEG": "not an image", f"{WNIDS[1]}/empty.JPEG": "empty"})
+    return {"good": sorted(good), "bad": bad}
+
+
+def make_tiny_vae(directory: Path) -> Path:
+    """A randomly initialised AutoencoderKL (2 levels: 8x8x... latents for 16 px) saved like a hub download."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        block_out_channels=(32, 32), norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16, scaling_factor=0.18215)
+    vae.save_pretrained(directory)
+    return directory
