@@ -26,6 +26,18 @@ def images_to_unit(images) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def stored_to_latent(stored: torch.Tensor, column: str, scaling_factor: float, generator=None) -> torch.Tensor:
+    """A shard's stored column -> what the model sees, without loading any autoencoder.
+
+    pixels: uint8 -> [-1, 1]. moments: a fresh sample z = (mean + std * eps) * scaling every call.
+    """
+    if column == "pixels":
+        return stored.float() / 127.5 - 1.0
+    mean, std = stored.float().chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return (mean + std * eps) * scaling_factor
+
+
 class PixelCodec:
     name = "pixel"
     scaling_factor = 1.0
@@ -44,8 +56,7 @@ class PixelCodec:
         return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
 
     def to_latent(self, stored: torch.Tensor, generator=None) -> torch.Tensor:
-        """Stored uint8 NCHW -> model input in [-1, 1]."""
-        return stored.float() / 127.5 - 1.0
+        return stored_to_latent(stored, self.column, self.scaling_factor, generator)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return latent.clamp(-1, 1)
@@ -87,10 +98,7 @@ class VAECodec:
         return moments.to(torch.float16).cpu().numpy()
 
     def to_latent(self, stored: torch.Tensor, generator=None) -> torch.Tensor:
-        """A fresh sample z = (mean + std * eps) * scaling from stored moments [N, 2C, h, w]."""
-        mean, std = stored.float().chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return (mean + std * eps) * self.scaling_factor
+        return stored_to_latent(stored, self.column, self.scaling_factor, generator)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

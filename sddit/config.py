@@ -90,6 +90,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10                # consecutive non-finite steps before the run stops
     compile: bool = False                  # torch.compile student, head, teacher and loss (worth it on GPU)
+    sample_cfg_scale: float = 1.5          # guidance for the sample grids logged during training
 
     def validate(self):
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):

@@ -6,11 +6,20 @@ updates. A non-finite loss or gradient skips the update entirely (parameters, EM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from sddit.checkpoint import rng_state, save_checkpoint, set_rng_state
 from sddit.config import Config
+from sddit.data import DataError, Manifest
+from sddit.diffusion import edm_sample
+from sddit.errors import ConfigError
+from sddit.loader import LatentLoader, step_generator
 from sddit.models import build_from_config
 from sddit.objective import after_step, make_generation_ema, training_loss, unwrap
 from sddit.schedules import Schedules
@@ -85,3 +94,157 @@ def build_training(config: Config, device: torch.device | str = "cpu"):
     if config.train.compile:
         compile_model(model)
     return model, make_optimizer(model, config), make_generation_ema(model), Schedules(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop (one function, EDM style) and what it needs around it
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops; checkpoints on disk stay the last good ones."""
+
+
+def fit_to_dataset(config: Config, manifest: Manifest, directory) -> Config:
+    """Check the dataset matches the config (codec, resolution) and take shapes and classes from it."""
+    where = f"{Path(directory) / 'manifest.json'}"
+    if manifest.settings.codec != config.data.codec:
+        raise DataError(f"{where}: dataset codec {manifest.settings.codec!r} but the config expects "
+                        f"data.codec={config.data.codec!r}")
+    if manifest.settings.resolution != config.data.resolution:
+        raise DataError(f"{where}: dataset resolution {manifest.settings.resolution} but the config expects "
+                        f"data.resolution={config.data.resolution}")
+    channels, size, _ = manifest.latent_shape
+    config.model = dataclasses.replace(config.model, in_channels=channels, input_size=size,
+                                       num_classes=manifest.num_classes).validate()
+    return config
+
+
+def dataset_info(manifest: Manifest, directory) -> dict:
+    """What a checkpoint records about its data, so sampling and evaluation need nothing else."""
+    return {"dir": str(Path(directory).resolve()), "codec": manifest.settings.codec, "vae": manifest.settings.vae,
+            "column": manifest.column, "scaling_factor": manifest.scaling_factor,
+            "latent_shape": manifest.latent_shape, "num_classes": manifest.num_classes,
+            "resolution": manifest.settings.resolution, "class_names": [c["name"] for c in manifest.classes]}
+
+
+def sample_grid_latents(ema, config: Config, count: int = 64, seed: int = 0) -> torch.Tensor:
+    """Fixed noise and labels (class i % K) so grids from different steps are comparable."""
+    device = next(ema.parameters()).device
+    c, size = config.model.in_channels, config.model.input_size
+    noise = torch.randn(count, c, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = (torch.arange(count) % config.model.num_classes).to(device) if config.model.num_classes else None
+    return edm_sample(ema, noise, labels, steps=18, cfg_scale=config.train.sample_cfg_scale).float()
+
+
+class LoopHooks:
+    """Where the loop's outputs go. The default keeps everything in memory; pipelines override."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def samples(self, step: int, latents: torch.Tensor) -> None:
+        pass
+
+    def checkpoint(self, step: int, save, metrics: dict) -> None:
+        """`save(directory)` writes checkpoint.pt there."""
+
+
+class LocalHooks(LoopHooks):
+    """Bare-loop outputs: checkpoints under run_dir/checkpoints (the last `keep`), log lines on stdout."""
+
+    def __init__(self, run_dir, keep: int = 3, verbose: bool = True):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep, self.verbose = keep, verbose
+
+    def log(self, step, metrics):
+        if self.verbose:
+            print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    def checkpoint(self, step, save, metrics):
+        save(self.root / f"step-{step:08d}")
+        for old in sorted(self.root.glob("step-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        found = sorted(self.root.glob("step-*/checkpoint.pt"))
+        return found[-1].parent if found else None
+
+
+def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_size: int = 1,
+               hooks: LoopHooks | None = None, wrap_model=None, resume: dict | None = None,
+               init_from: dict | None = None) -> dict:
+    """Train `config` on the shards in `data_dir` until config.train.steps; returns the last metrics.
+
+    `resume` (a loaded checkpoint) continues exactly; `init_from` only takes its weights.
+    `wrap_model` wraps the model for data parallelism (e.g. DDP); progress is counted in images.
+    """
+    hooks = hooks or LoopHooks()
+    device = torch.device(device)
+    per_rank_batch, remainder = divmod(config.optim.batch_size, world_size)
+    if remainder:
+        raise ConfigError("optim.batch_size", f"{config.optim.batch_size} is not divisible by {world_size} workers")
+
+    # load data: this rank's share of the shards, with the model shaped after the dataset
+    loader = LatentLoader(data_dir, rank=rank, world_size=world_size, batch_size=per_rank_batch,
+                          seed=config.train.seed, device=device)
+    config = fit_to_dataset(config, loader.manifest, data_dir)
+
+    # build the model, optimiser and EMAs; restore a checkpoint's state if resuming
+    torch.manual_seed(config.train.seed)                    # same initial weights on every rank
+    model, optimizer, ema, schedules = build_training(config, device)
+    step = 0
+    if resume is not None or init_from is not None:
+        payload = resume if resume is not None else init_from
+        model.load_state_dict(payload["model"])
+        ema.load_state_dict(payload["generation_ema"])
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        step = resume["step"]
+        set_rng_state(resume["rng"])
+    net = wrap_model(model) if wrap_model is not None else model
+
+    def save(directory):
+        save_checkpoint(directory, config=config, model=model, generation_ema=ema, optimizer=optimizer, step=step,
+                        images_seen=step * config.optim.batch_size, data_position=loader.position(step),
+                        rng=rng_state(), dataset=dataset_info(loader.manifest, data_dir))
+
+    bad_streak = torch.zeros((), dtype=torch.long, device=device)
+    worst_streak = torch.zeros_like(bad_streak)
+    skipped = torch.zeros_like(bad_streak)
+    last_time, last_step = time.perf_counter(), step
+    metrics: dict = {}
+    while step < config.train.steps:
+        # one optimiser step (gradient, AdamW, teacher EMA, centres, generation EMA), all on the device
+        x0, labels = loader.batch(step)
+        result = train_step(net, optimizer, ema, x0, labels, step=step, config=config, schedules=schedules,
+                            generator=step_generator(config.train.seed, rank, step, device))
+        bad_streak = torch.where(result.applied, torch.zeros_like(bad_streak), bad_streak + 1)
+        worst_streak = torch.maximum(worst_streak, bad_streak)
+        skipped += ~result.applied
+        step += 1
+        finished = step == config.train.steps
+
+        # log (the only place the host waits for the device)
+        if step % config.train.log_every == 0 or finished:
+            if int(worst_streak) >= config.train.max_bad_steps:
+                raise NonFiniteError(f"{int(worst_streak)} consecutive steps with a non-finite loss or gradient "
+                                     f"before step {step} (train.max_bad_steps={config.train.max_bad_steps}); "
+                                     f"the last checkpoint holds the last good state")
+            now = time.perf_counter()
+            metrics = {key: float(value) for key, value in result.parts.items()}
+            metrics.update(grad_norm=float(result.grad_norm), lr=optimizer.param_groups[0]["lr"],
+                           teacher_temp=float(schedules.teacher_temp[step - 1]),
+                           teacher_momentum=float(schedules.teacher_momentum[step - 1]),
+                           skipped_steps=float(skipped), epoch=float(loader.position(step)["epoch"]),
+                           images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9))
+            last_time, last_step = now, step
+            hooks.log(step, metrics)
+
+        # sample a grid from the generation EMA (rank 0)
+        if rank == 0 and (step % config.train.sample_every == 0 or finished):
+            hooks.samples(step, sample_grid_latents(ema, config))
+
+        # save snapshot
+        if step % config.train.checkpoint_every == 0 or finished:
+            hooks.checkpoint(step, save, metrics)
+    return metrics

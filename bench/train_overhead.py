@@ -1,0 +1,91 @@
+"""Ray Train overhead: img/s through Ray Train (1 worker) vs. the bare loop, same config, one run.
+
+Also measures the data reader (rows/s of `LatentLoader.batch`) against what training consumes.
+Throughput is taken between log points after a warm-up, so start-up, sampling and checkpoints
+are excluded from both sides. Appends a JSON record to bench/results/train_overhead.jsonl.
+
+    python bench/train_overhead.py --data runs/demo/data --preset demo --steps 120
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit.config import apply_overrides, load_preset  # noqa: E402
+from sddit.data import Manifest  # noqa: E402
+from sddit.loader import LatentLoader  # noqa: E402
+from sddit.training import LoopHooks, fit_to_dataset, train_loop  # noqa: E402
+
+
+class Rates(LoopHooks):
+    def __init__(self):
+        self.rates = []
+
+    def log(self, step, metrics):
+        self.rates.append(metrics["images_per_s"])
+
+
+def steady(rates: list[float]) -> float:
+    """Median over log intervals, dropping the first (warm-up) and the last (sampling, checkpoint)."""
+    return float(np.median(rates[1:-1] if len(rates) > 2 else rates))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory (pipelines/encode.py output)")
+    parser.add_argument("--preset", default="demo", help="preset name or YAML path (default demo)")
+    parser.add_argument("--steps", type=int, default=120, help="steps per side (default 120)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per throughput interval (default 10)")
+    parser.add_argument("--use-gpu", action="store_true", help="train on GPU (both sides)")
+    parser.add_argument("--run-dir", default="runs/bench", help="scratch directory for the Ray run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_overhead.jsonl"))
+    args = parser.parse_args()
+    overrides = [f"train.steps={args.steps}", f"train.log_every={args.log_every}",
+                 f"train.sample_every={args.steps}", f"train.checkpoint_every={args.steps}"]
+    config = apply_overrides(load_preset(args.preset), overrides)
+    device = "cuda" if args.use_gpu else "cpu"
+
+    # bare loop
+    bare = Rates()
+    train_loop(config, args.data, device=device, hooks=bare)
+
+    # the same through Ray Train, 1 worker; its MLflow history holds the same images_per_s metric
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    from pipelines.train import main as train_main
+    name = f"overhead-{int(time.time())}"
+    result = train_main(["--data", args.data, "--preset", args.preset, "--num-workers", "1", "--name", name,
+                         "--run-dir", args.run_dir, "--set", *overrides] + (["--use-gpu"] if args.use_gpu else []))
+    history = MlflowClient(tracking_uri(args.run_dir)).get_metric_history(result["mlflow_run_id"], "images_per_s")
+    ray_rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+
+    # data reader alone
+    fitted = fit_to_dataset(config, Manifest.read(args.data), args.data)
+    loader = LatentLoader(args.data, rank=0, world_size=1, batch_size=fitted.optim.batch_size, seed=0, device=device)
+    start = time.perf_counter()
+    for step in range(200):
+        loader.batch(step)
+    reader_rows_per_s = 200 * fitted.optim.batch_size / (time.perf_counter() - start)
+
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": args.preset, "device": device,
+              "steps": args.steps, "bare_img_per_s": steady(bare.rates), "ray_img_per_s": steady(ray_rates),
+              "reader_rows_per_s": reader_rows_per_s}
+    record["ray_overhead"] = 1 - record["ray_img_per_s"] / record["bare_img_per_s"]
+    record["reader_over_training"] = reader_rows_per_s / record["bare_img_per_s"]
+    print(f"bare loop {record['bare_img_per_s']:.1f} img/s, Ray Train (1 worker) {record['ray_img_per_s']:.1f} img/s: "
+          f"overhead {100 * record['ray_overhead']:.1f}% (target <= 5%)")
+    print(f"data reader {reader_rows_per_s:.0f} rows/s = {record['reader_over_training']:.0f}x what training consumes")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

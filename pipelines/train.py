@@ -1,0 +1,229 @@
+"""Stage 2, train: data-parallel SD-DiT training on Ray Train, resumable and fault tolerant.
+
+    python pipelines/train.py --data /shared/latents/in256 --preset imagenet256-XL2 --num-workers 8 --use-gpu
+
+The loop itself is `sddit.training.train_loop`; this file only runs it on Ray Train workers
+(DDP: NCCL on GPUs, gloo on CPUs) and connects it to checkpoint storage and MLflow.
+Re-running the same command (same --name and --storage) continues from the latest checkpoint;
+a worker that dies is restarted from it (--max-failures).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
+from sddit.data import DataError, Manifest  # noqa: E402
+from sddit.errors import ConfigError  # noqa: E402
+from sddit.models import MODEL_NAMES  # noqa: E402
+from sddit.training import fit_to_dataset  # noqa: E402
+
+# Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
+# process exit at its first log at or after STEP, once (the marker file records it), like a crash.
+KILL_ENV = "SDDIT_FAULT_KILL_WORKER"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory written by pipelines/encode.py")
+    parser.add_argument("--preset", default="demo", help=f"preset name ({', '.join(preset_names())}) or YAML path")
+    parser.add_argument("--model", default=None, help="model name overriding the preset's, e.g. DiT-S/2 (see sddit.models)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
+    parser.add_argument("--cpus-per-worker", type=int, default=None,
+                        help="CPUs (and torch threads) per worker (default: an even share of the cluster's CPUs on "
+                             "CPU runs, 4 with --use-gpu)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (train.steps)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size across workers (optim.batch_size)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (train.checkpoint_every)")
+    parser.add_argument("--keep-checkpoints", type=int, default=None, help="checkpoints to keep (train.keep_checkpoints)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="any config field, e.g. --set model.mask_ratio=0.5 optim.lr=3e-4")
+    parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. a sweep's best trial)")
+    parser.add_argument("--name", default=None, help="run name; re-running with the same name resumes (default: from preset/model)")
+    parser.add_argument("--run-dir", default="runs", help="local root for the MLflow store and default storage (default runs/)")
+    parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
+    parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from (default 3)")
+    parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args):
+    """The full config, checked against the dataset before any worker starts."""
+    config = load_preset(args.preset)
+    overrides = list(args.overrides)
+    for flag, field in ((args.steps, "train.steps"), (args.batch_size, "optim.batch_size"),
+                        (args.checkpoint_every, "train.checkpoint_every"), (args.keep_checkpoints, "train.keep_checkpoints")):
+        if flag is not None:
+            overrides.append(f"{field}={flag}")
+    if args.model:
+        if args.model not in MODEL_NAMES:
+            raise ConfigError("model.name", f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
+        overrides.append(f"model.name={args.model}")
+    config = apply_overrides(config, overrides)
+    manifest = Manifest.read(args.data)
+    for shard in manifest.shards:
+        if not (Path(args.data) / shard["file"]).is_file():
+            raise DataError(f"{Path(args.data) / shard['file']}: shard listed in the manifest is missing")
+    config = fit_to_dataset(config, manifest, args.data)
+    if config.optim.batch_size % args.num_workers:
+        raise ConfigError("optim.batch_size", f"{config.optim.batch_size} is not divisible by {args.num_workers} workers")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# On each worker
+# ---------------------------------------------------------------------------------------------
+
+class RayHooks:
+    """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train."""
+
+    def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None):
+        self.rank, self.run_id, self.dataset, self.kill = rank, mlflow_run_id, dataset, kill
+        self.client, self.last_logged, self.codec = None, -1, None
+        if rank == 0:
+            from mlflow.tracking import MlflowClient
+            self.client = MlflowClient(mlflow_uri)
+            history = self.client.get_metric_history(mlflow_run_id, "loss")
+            self.last_logged = max((m.step for m in history), default=-1)   # after a restart: no duplicate steps
+
+    def log(self, step, metrics):
+        import ray.train
+        maybe_kill(self.kill, self.rank, step)
+        if self.client is not None and step > self.last_logged:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        ray.train.report({**metrics, "step": step})
+
+    def samples(self, step, latents):
+        from sddit.images import grid_image
+        codec = self._codec()
+        if codec is not None and step > self.last_logged:
+            self.client.log_image(self.run_id, grid_image(codec.decode(latents.cpu()), nrow=8), key="samples", step=step)
+
+    def checkpoint(self, step, save, metrics):
+        import ray.train
+        with tempfile.TemporaryDirectory() as directory:
+            if self.rank == 0:
+                save(directory)
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+    def _codec(self):
+        """The dataset's codec for decoding sample grids; the SD VAE is loaded on first use only."""
+        if self.codec is None:
+            from sddit.codecs import CodecError, make_codec
+            try:
+                self.codec = make_codec(self.dataset["codec"], self.dataset["vae"] or "")
+            except CodecError as error:
+                print(f"train: sample grids disabled: {error}", flush=True)
+                self.codec = False
+        return self.codec or None
+
+
+def maybe_kill(spec: str | None, rank: int, step: int) -> None:
+    if spec:
+        kill_rank, kill_step, marker = spec.split(":", 2)
+        if rank == int(kill_rank) and step >= int(kill_step) and not Path(marker).exists():
+            Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+            os._exit(1)
+
+
+def train_worker(context: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from sddit.checkpoint import load_checkpoint
+    from sddit.config import config_from_dict
+    from sddit.training import dataset_info, train_loop
+
+    import torch
+    torch.set_num_threads(context["cpus_per_worker"])      # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved
+    world = ray.train.get_context()
+    rank, world_size = world.get_world_rank(), world.get_world_size()
+    config = config_from_dict(context["config"])
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_checkpoint(directory)
+    init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
+    hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run_id"],
+                     dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"])
+    train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
+               hooks=hooks, wrap_model=ray.train.torch.prepare_model if world_size > 1 else None,
+               resume=resume, init_from=init_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def find_or_start_mlflow_run(name: str, params: dict):
+    """The MLflow run of this training name: reused when the command is re-run, so metrics continue."""
+    import mlflow
+
+    from pipelines.tracking import PARENT_ENV
+    existing = mlflow.search_runs(filter_string=f"tags.`sddit.train_name` = '{name}'", output_format="list")
+    if existing:
+        return mlflow.start_run(run_id=existing[0].info.run_id)
+    parent = os.environ.get(PARENT_ENV) or None
+    run = mlflow.start_run(run_name=f"train {name}", parent_run_id=parent, nested=parent is not None,
+                           tags={"sddit.stage": "train", "sddit.train_name": name})
+    mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
+    return run
+
+
+def train(args):
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.common import init_ray
+    from pipelines.tracking import EXPERIMENT, tracking_uri
+
+    config = resolve_config(args)                           # fails here, before any cluster work
+    name = args.name or f"{Path(args.preset).stem}-{config.model.name.replace('/', '')}"
+    storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
+    uri = tracking_uri(args.run_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    params = {**config.flat(), "data": str(Path(args.data).resolve()), "num_workers": args.num_workers,
+              "use_gpu": args.use_gpu, "init_from": args.init_from, "storage": str(storage)}
+    ray = init_ray(args.address)
+    cpus_per_worker = args.cpus_per_worker or (
+        4 if args.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // args.num_workers))
+    with find_or_start_mlflow_run(name, params) as run:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": config.to_dict(), "data": str(Path(args.data).resolve()),
+                               "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run_id": run.info.run_id,
+                               "kill": os.environ.get(KILL_ENV), "cpus_per_worker": cpus_per_worker},
+            scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=args.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
+        )
+        result = trainer.fit()
+        final = result.checkpoint.path if result.checkpoint else None
+        mlflow.set_tag("sddit.final_checkpoint", final)
+    print(f"train: {name} finished at step {config.train.steps}; checkpoint: {final}", flush=True)
+    return {"name": name, "checkpoint": final, "mlflow_run_id": run.info.run_id, "metrics": result.metrics}
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        sys.exit(f"train: {error}")

@@ -1,0 +1,89 @@
+"""Training checkpoints: everything needed to continue exactly, written atomically.
+
+A checkpoint is one `checkpoint.pt` (inside a directory when Ray Train manages it) holding:
+config, student + teacher + centres (`model`), generation EMA, optimiser, step, images seen,
+every RNG state, the data position, and what the dataset was (codec, shapes, classes), so the
+evaluate stage needs nothing else.
+"""
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sddit import code_version
+from sddit.config import Config, config_from_dict
+from sddit.diffusion import EDMPrecond
+from sddit.models.dit import Backbone
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def save_checkpoint(path: str | Path, *, config: Config, model, generation_ema, optimizer, step: int,
+                    images_seen: int, data_position: dict, rng: dict, dataset: dict) -> Path:
+    """Write atomically (temp file + rename): a reader sees the old checkpoint or the new one, never half."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": config.to_dict(), "model": model.state_dict(), "generation_ema": generation_ema.state_dict(),
+        "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
+        "data_position": data_position, "rng": rng, "dataset": dataset, "code_version": code_version(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a {CHECKPOINT_FILE} or a directory holding one)")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    # weights_only=False: the payload holds numpy / python RNG states; only load checkpoints you wrote
+    payload = torch.load(resolve(path), map_location=map_location, weights_only=False)
+    payload["config"] = config_from_dict(payload["config"])
+    return payload
+
+
+def load_generator(path: str | Path, device="cpu") -> tuple[Config, EDMPrecond, dict]:
+    """(config, generation-EMA denoiser in eval mode, dataset info) for sampling."""
+    payload = load_checkpoint(path)
+    config = payload["config"]
+    ema = EDMPrecond(Backbone(config.model), config.model.sigma_data)   # no head or teacher needed to sample
+    ema.load_state_dict(payload["generation_ema"])
+    return config, ema.to(device).eval().requires_grad_(False), payload["dataset"]

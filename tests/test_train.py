@@ -1,0 +1,168 @@
+"""The train stage: bare-loop exact resume and NaN handling, then Ray Train with 2 CPU workers."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sddit.checkpoint import load_checkpoint
+from sddit.config import load_preset
+from sddit.data import DataError
+from sddit.training import LocalHooks, NonFiniteError, train_loop
+
+TINY = {
+    "model": {"name": "SD-DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1,
+              "decoder_hidden_size": 16, "decoder_num_heads": 2, "head_hidden_size": 32,
+              "head_bottleneck_size": 16, "head_out_size": 64},
+    "optim": {"batch_size": 8, "lr": 1.0e-3},
+    "disc": {"teacher_temp_warmup_steps": 4},
+    "train": {"steps": 8, "log_every": 2, "sample_every": 4, "checkpoint_every": 3, "max_bad_steps": 3},
+    "data": {"codec": "pixel", "resolution": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_session, image_tree, tmp_path_factory):
+    from pipelines.encode import main as encode
+    root, _ = image_tree
+    out = tmp_path_factory.mktemp("train-data") / "pixel8"
+    encode(["--data", str(root), "--out", str(out), "--codec", "pixel", "--resolution", "8",
+            "--rows-per-shard", "16", "--run-dir", str(out.parent / "runs")])
+    return out
+
+
+@pytest.fixture
+def preset(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class CrashAt(LocalHooks):
+    """Simulates a process killed right after step `at` (after any checkpoint of that step)."""
+
+    def __init__(self, run_dir, at):
+        super().__init__(run_dir, verbose=False)
+        self.at = at
+
+    def log(self, step, metrics):
+        if step >= self.at:
+            raise KeyboardInterrupt(f"killed at step {step}")
+
+
+def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
+    config = load_preset(preset)
+    straight = LocalHooks(tmp_path / "straight", verbose=False)
+    train_loop(copy.deepcopy(config), dataset, hooks=straight)
+    reference = load_checkpoint(straight.latest())
+    assert reference["step"] == 8
+
+    crashed = CrashAt(tmp_path / "crashed", at=4)            # checkpoint at 3, killed at 4
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(copy.deepcopy(config), dataset, hooks=crashed)
+    partial = load_checkpoint(crashed.latest())
+    assert partial["step"] == 3 and partial["data_position"]["batch_in_epoch"] == 3
+    resumed = LocalHooks(tmp_path / "crashed", verbose=False)
+    train_loop(copy.deepcopy(config), dataset, hooks=resumed, resume=partial)
+    final = load_checkpoint(resumed.latest())
+    assert final["step"] == 8
+    assert state_equal(final["model"], reference["model"])                 # student, teacher, centres
+    assert state_equal(final["generation_ema"], reference["generation_ema"])
+    assert final["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    for key, slots in reference["optimizer"]["state"].items():
+        assert all(torch.equal(v, final["optimizer"]["state"][key][name]) for name, v in slots.items())
+
+
+def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoint(dataset, preset, tmp_path,
+                                                                                    monkeypatch):
+    from sddit.loader import LatentLoader
+    clean_batch = LatentLoader.batch
+
+    def poisoned(self, step):
+        x0, labels = clean_batch(self, step)
+        return (x0 * float("nan"), labels) if step >= 4 else (x0, labels)
+
+    monkeypatch.setattr(LatentLoader, "batch", poisoned)
+    hooks = LocalHooks(tmp_path, verbose=False)
+    logged = []
+    hooks.log = lambda step, metrics: logged.append((step, metrics["skipped_steps"]))
+    with pytest.raises(NonFiniteError, match="4 consecutive steps .* before step 8"):
+        train_loop(load_preset(preset), dataset, hooks=hooks)
+    last = load_checkpoint(hooks.latest())
+    assert last["step"] == 6 and logged[-1] == (6, 2.0)     # steps 5-6 skipped by the log at 6; 5-8 stop it at 8
+    good = load_checkpoint(sorted((tmp_path / "checkpoints").glob("step-*"))[0])
+    assert good["step"] == 3
+    # the skipped steps changed nothing: the checkpoint at 6 holds the state after step 4
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_mismatched_or_missing_shards_are_refused(dataset, preset, tmp_path):
+    from pipelines.train import main
+    bad = yaml.safe_load(preset.read_text())
+    bad["data"]["resolution"] = 16
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(bad))
+    with pytest.raises(DataError, match=r"manifest.json: dataset resolution 8 but the config expects data.resolution=16"):
+        main(["--data", str(dataset), "--preset", str(other), "--run-dir", str(tmp_path)])
+    bad["data"] = {"codec": "sd-vae", "resolution": 8}
+    other.write_text(yaml.safe_dump(bad))
+    with pytest.raises(DataError, match=r"dataset codec 'pixel' but the config expects data.codec='sd-vae'"):
+        main(["--data", str(dataset), "--preset", str(other), "--run-dir", str(tmp_path)])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in dataset.iterdir():
+        if f.name != "part-00001.parquet":
+            (broken / f.name).symlink_to(f)
+    with pytest.raises(DataError, match=r"part-00001.parquet: shard listed in the manifest is missing"):
+        main(["--data", str(broken), "--preset", str(preset), "--run-dir", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def ray_runs(dataset, tmp_path_factory):
+    """The same 2-worker training twice: once straight, once with rank 1 killed at step 5."""
+    import os
+
+    from pipelines.train import KILL_ENV, main
+    root = tmp_path_factory.mktemp("ray-train")
+    preset = root / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    common = ["--data", str(dataset), "--preset", str(preset), "--num-workers", "2", "--run-dir", str(root / "runs")]
+    straight = main(common + ["--name", "straight"])
+    os.environ[KILL_ENV] = f"1:5:{root / 'killed.marker'}"
+    try:
+        killed = main(common + ["--name", "killed", "--max-failures", "2"])
+    finally:
+        del os.environ[KILL_ENV]
+    return root, straight, killed
+
+
+def test_ray_train_two_workers_survives_a_killed_worker_bitwise(ray_runs):
+    root, straight, killed = ray_runs
+    assert (root / "killed.marker").exists()                # the worker really died once
+    a, b = load_checkpoint(straight["checkpoint"]), load_checkpoint(killed["checkpoint"])
+    assert a["step"] == b["step"] == 8
+    assert state_equal(a["model"], b["model"]) and state_equal(a["generation_ema"], b["generation_ema"])
+    assert a["dataset"]["codec"] == "pixel" and a["dataset"]["num_classes"] == 3
+
+
+def test_mlflow_has_one_run_per_training_with_continuous_metrics_and_images(ray_runs):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    root, straight, killed = ray_runs
+    client = MlflowClient(tracking_uri(root / "runs"))
+    experiment = client.get_experiment_by_name("sddit")
+    train_runs = client.search_runs([experiment.experiment_id], "tags.`sddit.stage` = 'train'")
+    assert sorted(r.data.tags["sddit.train_name"] for r in train_runs) == ["killed", "straight"]
+    for result in (straight, killed):
+        steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], "loss")]
+        assert steps == sorted(set(steps)) and steps[0] == 2 and steps[-1] == 8   # continues, no duplicates
+        images = client.list_artifacts(result["mlflow_run_id"], "images")
+        assert images, "sample grids logged as MLflow images"
+        run = client.get_run(result["mlflow_run_id"])
+        assert run.data.params["model.name"] == "SD-DiT-S/2" and run.data.tags["sddit.final_checkpoint"]
