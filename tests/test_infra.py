@@ -1,0 +1,62 @@
+"""Every cluster definition parses and asks for what the pipeline needs."""
+from pathlib import Path
+
+import yaml
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_cluster_launcher_has_gpu_workers_storage_and_the_project():
+    cluster = load_all(INFRA / "cluster-a100.yaml")[0]
+    gpu = cluster["available_node_types"]["gpu_a100"]
+    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge" and gpu["resources"]["GPU"] == 8
+    assert cluster["head_node_type"] == "head" and cluster["available_node_types"]["head"]["resources"]["CPU"] == 0
+    assert "-v /shared:/shared" in cluster["docker"]["run_options"]
+    assert any("mount" in c and "/shared" in c for c in cluster["initialization_commands"])
+    assert any("pip install -e ." in c for c in cluster["setup_commands"])
+    assert any("mlflow server" in c and "--backend-store-uri ${MLFLOW_DB_URI}" in c
+               for c in cluster["head_start_ray_commands"])
+
+
+def test_kuberay_manifests_request_gpus_mount_shared_storage_and_run_the_pipeline():
+    cluster = load_all(INFRA / "kuberay" / "raycluster.yaml")[0]
+    job = load_all(INFRA / "kuberay" / "rayjob.yaml")[0]
+    assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["rayVersion"] == "2.60.0"
+        worker = spec["workerGroupSpecs"][0]["template"]["spec"]
+        container = worker["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
+        assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "sddit-shared"
+        assert container["image"] == spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in container["env"])
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("python pipelines/full_run.py --cluster --preset imagenet256-XL2")
+    for flag in ("--data /shared/", "--storage /shared/", "--inception-weights", "--reference"):
+        assert flag in entry
+
+
+def test_mlflow_server_has_a_database_backend_and_shared_artifacts():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in load_all(INFRA / "kuberay" / "mlflow.yaml")}
+    server = docs[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(server["args"])
+    assert "--backend-store-uri postgresql://" in command and "--artifacts-destination /shared/" in command
+    assert ("StatefulSet", "mlflow-postgres") in docs and ("Service", "mlflow") in docs
+    assert docs[("PersistentVolumeClaim", "sddit-shared")]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_container_image_builds_on_ray_gpu_and_installs_the_project():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert dockerfile.splitlines()[1].startswith("FROM rayproject/ray:2.60.0-py311-gpu")
+    assert "pip install --no-cache-dir -e ." in dockerfile
+
+
+def test_rayignore_keeps_data_checkpoints_and_stores_out_of_the_working_dir():
+    ignored = (INFRA.parent / ".rayignore").read_text().split()
+    for pattern in ("runs/", "*.db", "*.pt", "*.parquet", ".venv/", "mlruns/"):
+        assert pattern in ignored
