@@ -75,7 +75,7 @@ def resolve(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     # weights_only=False: the payload holds numpy / python RNG states; only load checkpoints you wrote
-    payload = torch.load(resolve(path), map_location=map_location, weights_only=False)
+    payload = torch.load(resolve(path), map_location=map_location, weights_only=False, mmap=True)
     payload["config"] = config_from_dict(payload["config"])
     return payload
 

@@ -1,0 +1,262 @@
+"""Stage 4, evaluate: sample a checkpoint's generation EMA on Ray, then FID / sFID / IS / precision / recall.
+
+    python pipelines/evaluate.py --checkpoint runs/xl2/checkpoint-400000 \\
+        --reference VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
+
+The protocol is DiT / MaskDiT / SD-DiT's: 50,000 samples from the generation EMA, EDM Heun sampler,
+classifier-free guidance on all channels, labels balanced over the classes, ADM's samples.npz,
+metrics with the conventions of ADM's TensorFlow evaluator (sddit.metrics, sddit.extractors).
+
+One sampling actor per GPU (two on a CPU-only machine) loads the generation EMA once and draws the
+batches the driver hands it; the driver writes each finished batch atomically to
+<out>/samples/batch-NNNNN.npz, so a rerun draws only the missing batches and, since every sample has
+its own seed, ends with the same samples.npz. Features and metrics are computed on the driver, on its
+GPU when it has one (on a cluster: `ray job submit --entrypoint-num-gpus 1 ...`). The checkpoint must
+be readable from every node (shared storage, as the train stage writes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit import code_version  # noqa: E402
+from sddit.checkpoint import load_checkpoint, load_generator, resolve  # noqa: E402
+from sddit.codecs import CodecError, make_codec  # noqa: E402
+from sddit.data import DataError  # noqa: E402
+from sddit.evaluation import (SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,  # noqa: E402
+                              check_protocol, compute_metrics, finished_batches, iter_sample_batches,
+                              load_reference, make_extractor, sample_batch, write_batch)
+from sddit.extractors import WEIGHTS_ENV, ExtractorError  # noqa: E402
+from pipelines.common import Progress, init_ray  # noqa: E402
+
+DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint.pt or the directory holding one; its generation EMA is sampled")
+    parser.add_argument("--num-samples", type=int, default=50_000,
+                        help="number of samples (default 50000, the published protocol); >= 2")
+    parser.add_argument("--steps", type=int, default=40, help="EDM Heun steps (default 40; 2 * steps - 1 evaluations)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5,
+                        help="classifier-free guidance scale on all channels; 1 = no guidance (default 1.5)")
+    parser.add_argument("--reference", default=None,
+                        help="what to compare against: an ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled"
+                             ".npz; its Inception statistics are used as they are with --extractor inception) or a "
+                             "dataset directory of shards + manifest.json (default: the checkpoint's dataset; its "
+                             "statistics are cached next to the shards)")
+    parser.add_argument("--extractor", default="inception", choices=["inception", "domain"],
+                        help="inception: the FID Inception-v3 (needs --inception-weights); domain: a small classifier "
+                             "trained on the checkpoint's dataset, for data where ImageNet features mean nothing, "
+                             "e.g. the demo digits (cached next to the shards; no sFID) (default inception)")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV}); "
+                             f"its checksum is verified, nothing is ever downloaded")
+    parser.add_argument("--out", default=None,
+                        help="output directory for samples/, samples.npz, metrics.json "
+                             "(default <checkpoint dir>/eval-<steps>steps-cfg<scale>)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="samples per sampling call and per batch file (default 64); part of the protocol: "
+                             "a rerun into the same --out must use the same value")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed; sample i is drawn from its own seed (seed, i) (default 0)")
+    parser.add_argument("--png", action="store_true", help="also write every sample as <out>/png/NNNNNN.png")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address ('auto' for a running cluster; default: local)")
+    parser.add_argument("--run-dir", default="runs",
+                        help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
+    args = parser.parse_args(argv)
+    for name, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {minimum}")
+    if args.cfg_scale < 0:
+        parser.error(f"--cfg-scale {args.cfg_scale}: must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling actors
+# ---------------------------------------------------------------------------------------------
+
+class SamplingActor:
+    """Holds one generation EMA and the codec on its device; draws whole batches of the plan."""
+
+    def __init__(self, checkpoint: str, plan: dict, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        _, self.ema, dataset = load_generator(checkpoint, self.device)
+        self.codec = make_codec(dataset["codec"], dataset["vae"], device=self.device)
+        self.plan = SamplingPlan(**plan)
+
+    def sample(self, batch_index: int):
+        images, labels = sample_batch(self.ema, self.codec, batch_index, self.plan, self.device)
+        return batch_index, images, labels
+
+
+def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: list[int]) -> None:
+    """Draw the `todo` batches on actors; the driver writes each result as it arrives."""
+    ray = init_ray(args.address)
+    resources = ray.cluster_resources()
+    num_gpus = int(resources.get("GPU", 0))
+    if num_gpus:
+        count, options = num_gpus, {"num_gpus": 1}
+    else:
+        count, options = min(2, max(1, int(resources.get("CPU", 1)))), {"num_cpus": 1}
+    count = min(count, len(todo))
+    actor_class = ray.remote(SamplingActor).options(**options)
+    actors = [actor_class.remote(str(checkpoint), plan.to_dict(), num_gpus > 0) for _ in range(count)]
+    print(f"evaluate: sampling {len(todo)} of {plan.num_batches} batches on {count} "
+          f"{'GPU' if num_gpus else 'CPU'} actor(s)", flush=True)
+    queue, pending = list(todo), {}
+
+    def submit(actor):
+        if queue:
+            pending[actor.sample.remote(queue.pop(0))] = actor
+
+    progress = Progress(sum(len(plan.batch_indices(b)) for b in todo), "evaluate: sampling")
+    try:
+        for actor in actors:
+            for _ in range(2):                  # one batch in flight while the previous one comes back
+                submit(actor)
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready)
+            batch_index, images, labels = ray.get(ready)
+            write_batch(out, batch_index, images, labels)
+            progress.update(len(images))
+            submit(actor)
+    finally:
+        progress.close()
+        for actor in actors:
+            ray.kill(actor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+def default_out(checkpoint: Path, steps: int, cfg_scale: float) -> Path:
+    return checkpoint.parent / f"eval-{steps}steps-cfg{cfg_scale:g}"
+
+
+def write_pngs(out: Path, plan: SamplingPlan) -> Path:
+    from PIL import Image
+    folder = out / "png"
+    folder.mkdir(exist_ok=True)
+    index = 0
+    for images, _ in iter_sample_batches(out, plan):
+        for image in images:
+            path = folder / f"{index:06d}.png"
+            if not path.exists():
+                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+            index += 1
+    return folder
+
+
+def evaluate(args) -> dict[str, float]:
+    checkpoint = resolve(args.checkpoint).resolve()
+    payload = load_checkpoint(checkpoint)
+    config, step, dataset = payload["config"], payload["step"], payload.get("dataset") or {}
+    del payload
+    missing = [key for key in DATASET_KEYS if key not in dataset]
+    if missing:
+        raise EvaluationError(f"{checkpoint}: its dataset record lacks {missing}; was it written by the train stage?")
+    plan = SamplingPlan(args.num_samples, args.batch_size, config.model.num_classes, dataset["latent_shape"],
+                        steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    model_shape = [config.model.in_channels, config.model.input_size, config.model.input_size]
+    if list(plan.latent_shape) != model_shape:
+        raise EvaluationError(f"{checkpoint}: dataset latent_shape {list(plan.latent_shape)} does not match the "
+                              f"model's [in_channels, input_size, input_size] = {model_shape}")
+    out = Path(args.out) if args.out else default_out(checkpoint, args.steps, args.cfg_scale)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # everything that can fail without a GPU fails here, before any sampling
+    codec = make_codec(dataset["codec"], dataset["vae"], device=device)
+    extractor = make_extractor(args.extractor, dataset_dir=dataset["dir"], codec=codec,
+                               inception_weights=args.inception_weights, device="cpu")
+    protocol = {"checkpoint": str(checkpoint), "checkpoint_step": int(step), **plan.to_dict()}
+    check_protocol(out, protocol)
+
+    done = finished_batches(out, plan)
+    todo = [b for b in range(plan.num_batches) if b not in done]
+    start = time.time()
+    if todo:
+        sample_on_ray(args, checkpoint, plan, out, todo)
+    else:
+        print(f"evaluate: all {plan.num_batches} batches already in {out / SAMPLES_DIR}", flush=True)
+    sampling_seconds = time.time() - start
+    npz = assemble_samples(out, plan)
+
+    extractor.to(device)
+    reference = load_reference(args.reference, extractor, dataset_dir=dataset["dir"], codec=codec, device=device)
+    labels = None if plan.num_classes == 0 else np.concatenate([y for _, y in iter_sample_batches(out, plan)])
+    metrics = compute_metrics(extractor, (images for images, _ in iter_sample_batches(out, plan)), reference, labels)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.png:
+        print(f"evaluate: PNGs in {write_pngs(out, plan)}", flush=True)
+
+    params = {
+        **protocol,
+        "model": config.model.name,
+        "sampler": "EDM Heun (2nd order, no churn)",
+        "cfg_channels": "all",
+        "weights": "generation EMA",
+        "labels": "balanced (sample i -> class i mod num_classes)" if plan.num_classes else "unconditional",
+        "seeds": f"per sample: SeedSequence([{plan.seed}, i])",
+        "reference": reference.source,
+        "extractor": extractor.name,
+        "extractor_weights_sha256": extractor.weights_checksum,
+        "samples_npz": str(npz.resolve()),
+        "code_version": code_version(),
+    }
+    if hasattr(extractor, "accuracy"):
+        params["extractor_heldout_accuracy"] = extractor.accuracy
+    sampled_images = sum(len(plan.batch_indices(b)) for b in todo)
+    log_run(args, params, metrics, out, plan, step=int(step), sampled_images=sampled_images, seconds=sampling_seconds)
+    print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f" (in {out / 'metrics.json'})",
+          flush=True)
+    return metrics
+
+
+def log_run(args, params: dict, metrics: dict, out: Path, plan: SamplingPlan, *, step: int, sampled_images: int,
+            seconds: float) -> None:
+    """The stage's MLflow run: the exact protocol as params, metrics at the checkpoint's training step, a grid."""
+    import mlflow
+
+    from pipelines.tracking import stage_run
+    from sddit.codecs import images_to_unit
+    from sddit.images import grid_image
+    # sample i has label i mod K, so with K columns each column shows one class
+    nrow = plan.num_classes if 2 <= plan.num_classes <= 16 else 8
+    first = []
+    for images, _ in iter_sample_batches(out, plan):
+        first.append(images)
+        if sum(map(len, first)) >= 8 * nrow:
+            break
+    first = np.concatenate(first)[:8 * nrow]
+    with stage_run("evaluate", args.run_dir, params=params):
+        mlflow.log_metrics(metrics, step=step)
+        if sampled_images:                  # a rerun that only recomputes metrics has no sampling speed
+            mlflow.log_metric("sampling_images_per_s", sampled_images / max(seconds, 1e-9))
+        grid = grid_image(images_to_unit(first), nrow=nrow, scale=max(1, 128 // first.shape[1]))
+        grid.save(out / "samples_grid.png")
+        mlflow.log_image(grid, artifact_file="samples_grid.png")
+        mlflow.log_artifact(str(out / "metrics.json"))
+
+
+def main(argv=None) -> dict[str, float]:
+    return evaluate(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (EvaluationError, ExtractorError, DataError, CodecError, FileNotFoundError) as error:
+        sys.exit(f"evaluate: {error}")

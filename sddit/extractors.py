@@ -1,0 +1,404 @@
+"""Feature extractors behind the evaluation metrics: one interface, two networks.
+
+`extract(images)` takes uint8 NHWC images and returns a dict with
+  pool     [N, D]     features for FID and precision/recall,
+  logits   [N, K]     class logits for the Inception Score,
+  spatial  [N, 2023]  sFID features, or None when the network has no such layer,
+and, for classifiers of the dataset's own classes, predicted [N] (the arg-max class).
+Each extractor has a `name` (it goes into metric names: fid_<name>) and a `weights_checksum`
+(reference statistics are cached under it, so other weights never reuse them).
+
+`InceptionExtractor` is the FID Inception-v3, i.e. the TensorFlow graph of 2015-12-05 that the ADM
+evaluator runs, on torchvision's Inception3 with the weights pytorch-fid ported from that graph.
+`DomainExtractor` is a small CNN trained on the dataset itself, for data where ImageNet features
+mean nothing (the demo's digits).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+
+from sddit.data import file_sha256
+from sddit.metrics import sfid_features
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"       # torch.hub convention: the hex in the file name starts its sha256
+WEIGHTS_ENV = "SDDIT_INCEPTION_WEIGHTS"
+INCEPTION_SIZE = 299
+DOMAIN_CACHE_FILE = "domain_classifier.pt"
+DOMAIN_CACHE_FORMAT = 1
+
+
+class ExtractorError(RuntimeError):
+    """A feature extractor cannot be built; the message names the missing or wrong asset and the fix."""
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """A checksum of a module's weights (names and bytes), for weights that were never a file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _full_float32():
+    # PyTorch lets cuDNN convolutions use TF32 by default on Ampere and newer; the TF evaluator computes in
+    # full float32, and TF32's 10-bit mantissa moves FID in the second decimal.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    # The domain net's ops are far too small for intra-op parallelism to pay, and OpenMP's spinning threads
+    # collapse when cores are shared (Ray workers, other jobs): on a busy 2-core machine its training took
+    # 49 s with 2 threads and 0.7 s with 1.
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _as_nchw_float(images) -> torch.Tensor:
+    """uint8 NHWC (array or tensor) -> float32 NCHW in 0..255."""
+    images = torch.as_tensor(np.asarray(images))
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images [N, H, W, C], got {tuple(images.shape)} {images.dtype}")
+    return images.permute(0, 3, 1, 2).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception-v3 as in the TF FID graph
+# ---------------------------------------------------------------------------------------------
+
+def _tf_avg_pool(x):
+    # TF's average pool divides by the number of real (not padded) inputs under the window.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _tf_max_pool(x):
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class _GraphInceptionA(InceptionA):
+    def _forward(self, x):
+        return [self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_tf_avg_pool(x))]
+
+
+class _GraphInceptionC(InceptionC):
+    def _forward(self, x):
+        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        double = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            double = conv(double)
+        return [self.branch1x1(x), seven, double, self.branch_pool(_tf_avg_pool(x))]
+
+
+class _GraphInceptionE(InceptionE):
+    """The 2015 graph pools differently in its two E blocks: mixed_9 averages (without padding), mixed_10
+    takes the maximum, where the Inception paper and torchvision average in both."""
+
+    def __init__(self, in_channels: int, pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def _forward(self, x):
+        three = self.branch3x3_1(x)
+        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return [self.branch1x1(x),
+                torch.cat([self.branch3x3_2a(three), self.branch3x3_2b(three)], 1),
+                torch.cat([self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double)], 1),
+                self.branch_pool(self.pool(x))]
+
+
+def fid_inception_v3() -> Inception3:
+    """torchvision's Inception3 rebuilt as the FID graph: 1008 classes, no aux head, TF pooling in the
+    Mixed_5*, Mixed_6b-e and Mixed_7b/c blocks. Its state-dict keys are those of pytorch-fid's weights."""
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b = _GraphInceptionA(192, pool_features=32)
+    net.Mixed_5c = _GraphInceptionA(256, pool_features=64)
+    net.Mixed_5d = _GraphInceptionA(288, pool_features=64)
+    for name, channels_7x7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        setattr(net, name, _GraphInceptionC(768, channels_7x7=channels_7x7))
+    net.Mixed_7b = _GraphInceptionE(1280, _tf_avg_pool)
+    net.Mixed_7c = _GraphInceptionE(2048, _tf_max_pool)
+    return net
+
+
+# Inception3's layers from the input to pool_3, in order (its own forward adds dropout and the biased fc).
+_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+          "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
+
+
+def tf_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of NCHW images as TF1's ResizeBilinear (align_corners=False) does inside the FID graph:
+    output pixel i samples the input at i * in / out (no half-pixel offset, unlike torch's interpolate),
+    clamped at the last row / column."""
+    def axis(length: int):
+        position = torch.arange(size, dtype=torch.float64, device=x.device) * (length / size)
+        low = position.floor().long()
+        high = (low + 1).clamp(max=length - 1)
+        return low, high, (position - low).to(x.dtype)
+
+    (top, bottom, fy), (left, right, fx) = axis(x.shape[2]), axis(x.shape[3])
+    rows = x[:, :, top] * (1 - fy)[:, None] + x[:, :, bottom] * fy[:, None]
+    return rows[..., left] * (1 - fx) + rows[..., right] * fx
+
+
+class InceptionExtractor:
+    """pool_3 (2048), bias-free logits (1008) and mixed_6/conv sFID features, as ADM's evaluator reads them.
+
+    Input handling follows the graph ADM feeds at ExpandDims: the uint8 values as floats, bilinear resize to
+    299 x 299 (TF1 semantics), then (x - 128) / 128, i.e. [-1, 1). Greyscale images are repeated to RGB.
+    """
+
+    def __init__(self, net: Inception3, *, name: str, weights_checksum: str, batch_size: int = 64):
+        self.net = net.eval().requires_grad_(False)
+        self.name = name
+        self.weights_checksum = weights_checksum
+        self.batch_size = batch_size
+        self._spatial = None
+        # ADM's sFID layer "mixed_6/conv" is the post-ReLU 1x1 branch of the 7th mixed block, i.e. Mixed_6d
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, **kwargs) -> InceptionExtractor:
+        """The real FID Inception from pytorch-fid's weights file (path, else $SDDIT_INCEPTION_WEIGHTS)."""
+        path = path or os.environ.get(WEIGHTS_ENV)
+        how = (f"Download {FID_WEIGHTS_FILE} where there is network ({FID_WEIGHTS_URL}, e.g. with curl -LO), "
+               f"copy it to this machine, and pass its path with --inception-weights PATH or set {WEIGHTS_ENV}=PATH")
+        if not path:
+            raise ExtractorError(f"no Inception weights given. {how}.")
+        path = Path(path)
+        if not path.is_file():
+            raise ExtractorError(f"Inception weights file {str(path)!r} does not exist. {how}.")
+        checksum = file_sha256(path)
+        if not checksum.startswith(FID_WEIGHTS_SHA256_PREFIX):
+            raise ExtractorError(
+                f"Inception weights file {str(path)!r} has sha256 {checksum[:16]}..., but {FID_WEIGHTS_FILE} "
+                f"starts with {FID_WEIGHTS_SHA256_PREFIX}: a different or damaged file. {how}.")
+        net = fid_inception_v3()
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, ValueError) as error:
+            raise ExtractorError(f"cannot load {str(path)!r} into the FID Inception-v3: {error}") from error
+        return cls(net, name="inception", weights_checksum=checksum, **kwargs)
+
+    @classmethod
+    def random(cls, seed: int = 0, **kwargs) -> InceptionExtractor:
+        """FOR TESTS ONLY: the real architecture with seeded random weights, named 'inception-random' so its
+        numbers can never pass for Inception metrics. He-initialised so activations stay O(1) through the
+        network (BatchNorm at its identity init), which keeps the features informative enough to test with."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = fid_inception_v3()
+            for module in net.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                elif isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=1 / math.sqrt(module.in_features))
+        return cls(net, name="inception-random", weights_checksum=state_dict_sha256(net), **kwargs)
+
+    def to(self, device) -> InceptionExtractor:
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self):
+        return self.net.fc.weight.device
+
+    @torch.no_grad()
+    def _extract_batch(self, images) -> dict[str, np.ndarray]:
+        x = _as_nchw_float(images).to(self.device)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = tf_resize_bilinear(x, INCEPTION_SIZE)
+        x = (x - 128) / 128
+        with _full_float32():
+            for name in _TRUNK:
+                x = getattr(self.net, name)(x)
+            pool = x.flatten(1)
+            logits = pool @ self.net.fc.weight.T    # ADM's IS uses the softmax layer's MatMul, before the bias
+        spatial, self._spatial = sfid_features(self._spatial), None
+        return {"pool": pool.cpu().numpy(), "logits": logits.cpu().numpy(), "spatial": spatial}
+
+    def extract(self, images) -> dict:
+        return _extract_in_batches(self._extract_batch, images, self.batch_size)
+
+
+def _extract_in_batches(extract_batch, images, batch_size: int) -> dict:
+    parts = [extract_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    if not parts:
+        raise ValueError("no images to extract features from")
+    return {key: None if parts[0][key] is None else np.concatenate([p[key] for p in parts])
+            for key in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A classifier of the dataset's own classes
+# ---------------------------------------------------------------------------------------------
+
+class DomainNet(nn.Module):
+    """Three conv stages and a 128-d penultimate layer: enough for digits-sized data, trained in seconds."""
+
+    def __init__(self, in_channels: int, num_classes: int, input_size: int, width: int = 16, features: int = 128):
+        super().__init__()
+        self.architecture = {"in_channels": in_channels, "num_classes": num_classes, "input_size": input_size,
+                             "width": width, "features": features}
+        self.input_size = input_size
+
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU()]
+
+        self.body = nn.Sequential(*stage(in_channels, width), nn.MaxPool2d(2), *stage(width, 2 * width),
+                                  nn.MaxPool2d(2), *stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(4 * width, features), nn.ReLU())
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, images_uint8_nchw: torch.Tensor):
+        x = images_uint8_nchw.float() / 127.5 - 1
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        features = self.body(x)
+        return features, self.classifier(features)
+
+
+class DomainExtractor:
+    """Penultimate features, logits and the predicted class of a `DomainNet`; no sFID layer."""
+
+    name = "domain"
+
+    def __init__(self, net: DomainNet, *, accuracy: float, info: dict | None = None, batch_size: int = 256):
+        self.net = net.eval().requires_grad_(False)
+        self.accuracy = accuracy
+        self.info = info or {}
+        self.batch_size = batch_size
+        self.weights_checksum = state_dict_sha256(net)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, labels: np.ndarray, groups, *, num_classes: int, seed: int = 0,
+            held_out: float = 0.2, device="cpu") -> DomainExtractor:
+        """Train on uint8 NHWC images; `groups` (e.g. the source image id) keeps an image and its flipped copy
+        on the same side of the held-out split, so the recorded accuracy is on unseen images."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if num_classes < 2:
+            raise ExtractorError(f"the domain classifier needs a labelled dataset with >= 2 classes, "
+                                 f"got {num_classes}")
+        rng = np.random.default_rng(seed)
+        names, group_index = np.unique(np.asarray(groups), return_inverse=True)
+        test_groups = rng.permutation(len(names))[:max(1, round(held_out * len(names)))]
+        test = np.isin(group_index, test_groups)
+        if test.all():
+            raise ExtractorError(f"too few images ({len(names)}) to hold some out for the domain classifier")
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+        y = torch.from_numpy(labels)
+        train_idx = torch.from_numpy(np.flatnonzero(~test))
+        batch = min(64, len(train_idx))
+        # ~30 epochs within [150, 1000] steps: on the demo digits ~10 s on 2 CPU cores, 98.6% held-out accuracy
+        steps = int(np.clip(30 * math.ceil(len(train_idx) / batch), 150, 1000))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = DomainNet(x.shape[1], num_classes, input_size=min(32, x.shape[-1])).to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=2e-3, foreach=True)
+        generator = torch.Generator().manual_seed(seed)
+        net.train()
+        with _one_cpu_thread(device):
+            for _ in range(steps):
+                idx = train_idx[torch.randint(len(train_idx), (batch,), generator=generator)]
+                _, logits = net(x[idx].to(device))
+                loss = F.cross_entropy(logits, y[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        extractor = cls(net, accuracy=0.0, info={"train_rows": int((~test).sum()), "held_out_rows": int(test.sum()),
+                                                  "steps": steps, "seed": seed})
+        predicted = extractor.extract(np.asarray(images)[test])["predicted"]
+        extractor.accuracy = float((predicted == labels[test]).mean())
+        return extractor
+
+    @classmethod
+    def for_dataset(cls, directory: str | Path, shard_checksums: list[str], load_rows, *, num_classes: int,
+                    seed: int = 0, device="cpu") -> DomainExtractor:
+        """The classifier cached at <directory>/domain_classifier.pt, trained (and cached) first if that file is
+        missing or was trained on other shards. `load_rows()` -> (uint8 NHWC images, labels, groups)."""
+        path = Path(directory) / DOMAIN_CACHE_FILE
+        key = {"format": DOMAIN_CACHE_FORMAT, "shard_sha256": list(shard_checksums), "seed": seed,
+               "num_classes": num_classes}
+        if path.is_file():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("key") == key:
+                net = DomainNet(**payload["architecture"])
+                net.load_state_dict(payload["state_dict"])
+                return cls(net, accuracy=payload["accuracy"], info=payload["info"]).to(device)
+            print(f"domain classifier: {path} was trained on other shards or settings; retraining", flush=True)
+        images, labels, groups = load_rows()
+        extractor = cls.fit(images, labels, groups, num_classes=num_classes, seed=seed, device=device)
+        net = extractor.net
+        payload = {"key": key, "accuracy": extractor.accuracy, "info": extractor.info,
+                   "architecture": net.architecture,
+                   "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"domain classifier: trained on {extractor.info['train_rows']} rows, held-out accuracy "
+              f"{extractor.accuracy:.3f}; cached at {path}", flush=True)
+        return extractor
+
+    def to(self, device) -> DomainExtractor:
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self):
+        return self.net.classifier.weight.device
+
+    @torch.no_grad()
+    def _extract_batch(self, images) -> dict:
+        x = torch.as_tensor(np.asarray(images))
+        if x.ndim != 4 or x.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images [N, H, W, C], got {tuple(x.shape)} {x.dtype}")
+        expected = self.net.architecture["in_channels"]
+        if x.shape[-1] != expected:
+            raise ValueError(f"the domain classifier was trained on {expected}-channel images, got {x.shape[-1]}")
+        with _one_cpu_thread(self.device):
+            features, logits = self.net(x.permute(0, 3, 1, 2).to(self.device))
+        return {"pool": features.cpu().numpy(), "logits": logits.cpu().numpy(), "spatial": None,
+                "predicted": logits.argmax(1).cpu().numpy()}
+
+    def extract(self, images) -> dict:
+        return _extract_in_batches(self._extract_batch, images, self.batch_size)

@@ -1,0 +1,243 @@
+"""The evaluate stage: sampling plan, resumable Ray sampling, ADM samples.npz, references, metrics."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sddit.checkpoint import rng_state, save_checkpoint
+from sddit.evaluation import (EvaluationError, SamplingPlan, batch_path, load_reference, make_extractor,
+                              reference_from_dataset, reference_from_npz)
+from sddit.extractors import InceptionExtractor
+from sddit.training import build_training
+from tests.conftest import tiny_config
+
+NUM_CLASSES = 3                                         # the image_tree fixture's classes
+EVAL_ARGS = ["--num-samples", "12", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1.5", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlruns")
+
+
+@pytest.fixture(scope="module")
+def pixel_dataset(ray_session, image_tree, mlflow_dir, tmp_path_factory):
+    from pipelines.encode import main as encode
+    root, _ = image_tree
+    out = tmp_path_factory.mktemp("eval-data") / "pixels8"
+    encode(["--data", str(root), "--out", str(out), "--run-dir", str(mlflow_dir), "--codec", "pixel",
+            "--resolution", "8", "--rows-per-shard", "16"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(pixel_dataset, tmp_path_factory):
+    config = tiny_config("SD-DiT-S/2", in_channels=3, num_classes=NUM_CLASSES)
+    torch.manual_seed(0)
+    model, optimizer, ema, _ = build_training(config)
+    with torch.no_grad():                               # away from the zero-initialised output layers
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dataset = {"dir": str(pixel_dataset), "codec": "pixel", "vae": None, "column": "pixels", "scaling_factor": 1.0,
+               "latent_shape": [3, 8, 8], "num_classes": NUM_CLASSES, "resolution": 8}
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "step-123", config=config, model=model,
+                           generation_ema=ema, optimizer=optimizer, step=123, images_seen=0, data_position={},
+                           rng=rng_state(), dataset=dataset)
+
+
+def run_evaluate(checkpoint, out, mlflow_dir, *extra):
+    from pipelines.evaluate import main
+    return main(["--checkpoint", str(checkpoint), "--out", str(out), "--run-dir", str(mlflow_dir), *EVAL_ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def domain_run(checkpoint, mlflow_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "domain"
+    return out, run_evaluate(checkpoint, out, mlflow_dir, "--extractor", "domain")
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    return InceptionExtractor.random(seed=0, batch_size=16)
+
+
+# --- the plan ------------------------------------------------------------------------------------------------------
+
+def test_plan_labels_are_balanced_and_noise_does_not_depend_on_batching():
+    plan = SamplingPlan(num_samples=12, batch_size=5, num_classes=3, latent_shape=[2, 4, 4])
+    assert plan.num_batches == 3 and list(plan.batch_indices(2)) == [10, 11]
+    labels = np.concatenate([plan.labels(plan.batch_indices(b)) for b in range(plan.num_batches)])
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+    other = SamplingPlan(num_samples=12, batch_size=3, num_classes=3, latent_shape=[2, 4, 4])
+    rebatched = torch.cat([other.noise(other.batch_indices(b)) for b in (1, 2, 3)])     # samples 3..11
+    assert torch.equal(plan.noise(plan.batch_indices(1)), rebatched[2:7])
+    assert not torch.equal(plan.noise([0]), SamplingPlan(12, 5, 3, [2, 4, 4], seed=1).noise([0]))
+    assert SamplingPlan(4, 2, 0, [1, 2, 2]).labels([0, 1]) is None
+    with pytest.raises(EvaluationError, match="batch_size must be >= 1"):
+        SamplingPlan(4, 0, 3, [1, 2, 2])
+
+
+# --- Inception ---------------------------------------------------------------------------------------------------
+
+def test_sfid_hook_captures_mixed_6d_branch1x1(random_inception):
+    from sddit.metrics import sfid_features
+    captured = {}
+    handle = random_inception.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)
+        images[0] = images[0, ..., :1]                  # a grey image, stored as RGB
+        out = random_inception.extract(images)
+    finally:
+        handle.remove()
+    assert tuple(captured["out"].shape) == (2, 192, 17, 17)
+    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    np.testing.assert_array_equal(out["spatial"], sfid_features(captured["out"]))
+    weight, bias = random_inception.net.fc.weight.numpy(), random_inception.net.fc.bias.numpy()
+    np.testing.assert_allclose(out["logits"], out["pool"] @ weight.T, rtol=1e-4, atol=1e-5)   # IS: no bias
+    assert np.abs(bias).max() > 1e-3
+    grey = random_inception.extract(images[:1, ..., :1])          # one-channel images are repeated to RGB
+    np.testing.assert_allclose(grey["pool"], out["pool"][:1], rtol=1e-4, atol=1e-5)
+    assert random_inception.name == "inception-random"
+
+
+def test_resize_follows_tf1_resize_bilinear():
+    from sddit.extractors import tf_resize_bilinear
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    # output pixel i samples input position i * 2 / 4, clamped at the edge (torch's interpolate would shift by
+    # half a pixel)
+    expected = torch.tensor([[0.0, 5.0, 10.0, 10.0], [10.0, 15.0, 20.0, 20.0], [20.0, 25.0, 30.0, 30.0],
+                             [20.0, 25.0, 30.0, 30.0]])
+    assert torch.equal(tf_resize_bilinear(x, 4)[0, 0], expected)
+
+
+def test_missing_or_wrong_inception_weights_fail_clearly(tmp_path, monkeypatch, checkpoint, mlflow_dir):
+    from sddit.extractors import FID_WEIGHTS_FILE, WEIGHTS_ENV, ExtractorError
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(ExtractorError, match=rf"no Inception weights given.*{FID_WEIGHTS_FILE}.*--inception-weights"):
+        InceptionExtractor.from_file()
+    with pytest.raises(ExtractorError, match=rf"nowhere\.pth' does not exist.*{FID_WEIGHTS_FILE}"):
+        InceptionExtractor.from_file(tmp_path / "nowhere.pth")
+    wrong = tmp_path / FID_WEIGHTS_FILE
+    wrong.write_bytes(b"not the weights")
+    monkeypatch.setenv(WEIGHTS_ENV, str(wrong))
+    with pytest.raises(ExtractorError, match=r"has sha256 [0-9a-f]{16}\.\.\., but .* starts with 6726825d"):
+        InceptionExtractor.from_file()
+    out = tmp_path / "eval"                             # the stage refuses before it samples anything
+    with pytest.raises(ExtractorError, match="6726825d"):
+        run_evaluate(checkpoint, out, mlflow_dir, "--extractor", "inception", "--inception-weights", str(wrong))
+    assert not out.exists()
+
+
+def test_random_inception_through_the_whole_stage(domain_run, checkpoint, mlflow_dir, random_inception, monkeypatch,
+                                                  tmp_path):
+    import pipelines.evaluate as stage
+    out = tmp_path / "inception"
+    shutil.copytree(domain_run[0], out)
+    monkeypatch.setattr(stage, "make_extractor", lambda name, **kwargs: random_inception)
+    metrics = run_evaluate(checkpoint, out, mlflow_dir, "--extractor", "inception")   # samples exist: metrics only
+    suffix = "inception-random"
+    assert set(metrics) == {f"{m}_{suffix}" for m in ("fid", "sfid", "is", "precision", "recall")}
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics[f"fid_{suffix}"] > 0 and metrics[f"sfid_{suffix}"] > 0 and metrics[f"is_{suffix}"] >= 1
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+# --- end to end with the domain classifier ---------------------------------------------------------------------
+
+def test_domain_evaluation_end_to_end(domain_run, pixel_dataset, mlflow_dir):
+    out, metrics = domain_run
+    assert set(metrics) == {"fid_domain", "is_domain", "precision_domain", "recall_domain", "class_agreement_domain"}
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0 <= metrics["class_agreement_domain"] <= 1 and metrics["is_domain"] >= 1
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    with np.load(out / "samples.npz") as samples:
+        assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (12, 8, 8, 3)
+        assert np.bincount(samples["arr_1"]).tolist() == [4, 4, 4]
+        assert samples["arr_0"].std() > 0
+    classifier = torch.load(pixel_dataset / "domain_classifier.pt", weights_only=True)
+    assert 0 <= classifier["accuracy"] <= 1 and len(classifier["key"]["shard_sha256"]) >= 1
+    assert (out / "samples_grid.png").is_file()
+
+    import mlflow
+
+    from pipelines.tracking import tracking_uri
+    mlflow.set_tracking_uri(tracking_uri(mlflow_dir))
+    runs = mlflow.search_runs(experiment_names=["sddit"], order_by=["attributes.start_time ASC"],
+                              filter_string="tags.`sddit.stage` = 'evaluate' and params.extractor = 'domain'")
+    params = runs.iloc[0]
+    assert params["params.steps"] == "2" and params["params.cfg_channels"] == "all"
+    assert params["params.weights"] == "generation EMA" and params["params.checkpoint_step"] == "123"
+    assert params["params.extractor"] == "domain"
+    assert params["metrics.fid_domain"] == pytest.approx(metrics["fid_domain"])
+
+
+def test_interrupted_sampling_resumes_only_the_missing_batch(domain_run, checkpoint, mlflow_dir):
+    out, metrics = domain_run
+    before = (out / "samples.npz").read_bytes()
+    kept = {b: batch_path(out, b).stat().st_mtime_ns for b in (0, 2)}
+    batch_path(out, 1).unlink()                         # as a run killed before its second batch came back
+    again = run_evaluate(checkpoint, out, mlflow_dir, "--extractor", "domain")
+    assert {b: batch_path(out, b).stat().st_mtime_ns for b in (0, 2)} == kept
+    assert batch_path(out, 1).is_file()
+    assert (out / "samples.npz").read_bytes() == before
+    assert again == metrics
+    with pytest.raises(EvaluationError, match=r"num_samples: existing 12 vs requested 8"):
+        run_evaluate(checkpoint, out, mlflow_dir, "--extractor", "domain", "--num-samples", "8")
+
+
+# --- references --------------------------------------------------------------------------------------------------
+
+class Counting:
+    """An extractor wrapper that counts its calls."""
+
+    def __init__(self, inner, name=None):
+        self.inner, self.calls = inner, 0
+        self.name, self.weights_checksum = name or inner.name, inner.weights_checksum
+
+    def extract(self, images):
+        self.calls += 1
+        return self.inner.extract(images)
+
+
+def test_reference_statistics_are_cached_next_to_the_shards(domain_run, pixel_dataset, tmp_path):
+    dataset = tmp_path / "copy"
+    shutil.copytree(pixel_dataset, dataset, ignore=shutil.ignore_patterns("reference-*"))
+    extractor = Counting(make_extractor("domain", dataset_dir=dataset))
+    first = reference_from_dataset(dataset, extractor)
+    assert extractor.calls > 0 and len(list(dataset.glob("reference-domain-*.npz"))) == 1
+    calls = extractor.calls
+    second = load_reference(None, extractor, dataset_dir=dataset)
+    assert extractor.calls == calls                     # served from the cache
+    np.testing.assert_array_equal(first.sigma, second.sigma)
+    np.testing.assert_array_equal(first.features, second.features)
+    unflipped = 23                                      # good images in the image_tree fixture
+    assert first.features.shape == (unflipped, 128)
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64          # another dataset: the cache must not be used
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    reference_from_dataset(dataset, extractor)
+    assert extractor.calls > calls
+
+
+def test_adm_reference_npz(domain_run, pixel_dataset, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(path, arr_0=images, mu=np.full(128, 7.0), sigma=np.eye(128), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    domain = make_extractor("domain", dataset_dir=pixel_dataset)
+    # any extractor but the real Inception takes everything from arr_0, through itself
+    own = reference_from_npz(path, Counting(domain))
+    features = domain.extract(images)["pool"]
+    np.testing.assert_allclose(own.mu, features.mean(0), rtol=1e-5, atol=1e-6)
+    assert own.features.shape == (10, 128) and own.mu_s is None
+    # the real Inception uses the file's TF statistics, and arr_0 only for precision/recall
+    as_inception = Counting(domain, name="inception")
+    adm = reference_from_npz(path, as_inception)
+    assert (adm.mu == 7.0).all() and adm.sigma_s.shape == (3, 3) and adm.features.shape == (10, 128)
+    assert len(list(tmp_path.glob("VIRTUAL_tiny.*.features.npz"))) == 2
+    np.savez(tmp_path / "stats_only.npz", mu=np.zeros(4))
+    with pytest.raises(EvaluationError, match=r"stats_only.npz has no arr_0 images"):
+        reference_from_npz(tmp_path / "stats_only.npz", domain)
