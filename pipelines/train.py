@@ -83,9 +83,10 @@ def resolve_config(args):
 class RayHooks:
     """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train."""
 
-    def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None):
-        self.rank, self.run_id, self.dataset, self.kill = rank, mlflow_run_id, dataset, kill
-        self.client, self.last_logged, self.codec = None, -1, None
+    def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None,
+                 proxy: dict | None = None):
+        self.rank, self.run_id, self.dataset, self.kill, self.proxy = rank, mlflow_run_id, dataset, kill, proxy
+        self.client, self.last_logged, self.codec, self._judge = None, -1, None, None
         if rank == 0:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(mlflow_uri)
@@ -106,6 +107,25 @@ class RayHooks:
         codec = self._codec()
         if codec is not None and step > self.last_logged:
             self.client.log_image(self.run_id, grid_image(codec.decode(latents.cpu()), nrow=8), key="samples", step=step)
+
+    def evaluate(self, step, ema):
+        """The sweep's proxy metric: FID (and friends) of a few generated samples against the dataset."""
+        if not self.proxy or step % self.proxy["every"]:
+            return {}
+        from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
+        device = next(ema.parameters()).device
+        if self._judge is None:
+            codec = self._codec()
+            extractor = make_extractor(self.proxy["extractor"], dataset_dir=self.dataset["dir"], codec=codec,
+                                       inception_weights=os.environ.get("SDDIT_INCEPTION_WEIGHTS"), device=device)
+            self._judge = (codec, extractor, load_reference(None, extractor, dataset_dir=self.dataset["dir"],
+                                                            codec=codec, device=device))
+        codec, extractor, reference = self._judge
+        n = self.proxy["num_samples"]
+        plan = SamplingPlan(num_samples=n, batch_size=n, num_classes=self.dataset["num_classes"],
+                            latent_shape=self.dataset["latent_shape"], steps=18, cfg_scale=1.0, seed=0)
+        images, labels = sample_batch(ema, codec, 0, plan, device=device)
+        return {f"proxy_{key}": value for key, value in compute_metrics(extractor, images, reference, labels).items()}
 
     def checkpoint(self, step, save, metrics):
         import ray.train
@@ -155,7 +175,8 @@ def train_worker(context: dict) -> None:
             resume = load_checkpoint(directory)
     init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
     hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run_id"],
-                     dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"])
+                     dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"],
+                     context.get("proxy"))
     train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
                hooks=hooks, wrap_model=ray.train.torch.prepare_model if world_size > 1 else None,
                resume=resume, init_from=init_from)
@@ -165,15 +186,16 @@ def train_worker(context: dict) -> None:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def find_or_start_mlflow_run(name: str, params: dict):
-    """The MLflow run of this training name: reused when the command is re-run, so metrics continue."""
+def find_or_start_mlflow_run(name: str, params: dict, parent_run_id: str | None = None):
+    """The MLflow run of this training name: reused when the command is re-run, so metrics continue.
+    A new one is a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) when given."""
     import mlflow
 
     from pipelines.tracking import PARENT_ENV
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.train_name` = '{name}'", output_format="list")
     if existing:
         return mlflow.start_run(run_id=existing[0].info.run_id)
-    parent = os.environ.get(PARENT_ENV) or None
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     run = mlflow.start_run(run_name=f"train {name}", parent_run_id=parent, nested=parent is not None,
                            tags={"sddit.stage": "train", "sddit.train_name": name})
     mlflow.log_params({key: str(value)[:500] for key, value in params.items()})

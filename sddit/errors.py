@@ -6,4 +6,8 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):
+        # rebuild from (field, message): exceptions cross process boundaries (Ray tasks, Tune trials) pickled
+        return type(self), (self.field, self.message)

@@ -145,6 +145,10 @@ class LoopHooks:
     def samples(self, step: int, latents: torch.Tensor) -> None:
         pass
 
+    def evaluate(self, step: int, ema) -> dict:
+        """Extra metrics from the generation EMA at a log step, on rank 0 (e.g. a proxy FID)."""
+        return {}
+
     def checkpoint(self, step: int, save, metrics: dict) -> None:
         """`save(directory)` writes checkpoint.pt there."""
 
@@ -237,7 +241,9 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
                            teacher_momentum=float(schedules.teacher_momentum[step - 1]),
                            skipped_steps=float(skipped), epoch=float(loader.position(step)["epoch"]),
                            images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9))
-            last_time, last_step = now, step
+            if rank == 0:
+                metrics.update(hooks.evaluate(step, ema))
+            last_time, last_step = time.perf_counter(), step     # evaluation time is not training time
             hooks.log(step, metrics)
 
         # sample a grid from the generation EMA (rank 0)

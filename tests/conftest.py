@@ -30,7 +30,8 @@ def tiny():
 def ray_session():
     """One local Ray runtime for every test that runs a pipeline in-process."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the dashboard is what cleans up the Train workers of a trial that Tune stops early
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -81,3 +81,9 @@ def test_library_imports_without_ray():
     code = ("import sys, sddit.config, sddit.models, sddit.diffusion, sddit.objective, sddit.training, "
             "sddit.schedules, sddit.discrimination; assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_errors_survive_pickling_across_processes():
+    import pickle
+    error = pickle.loads(pickle.dumps(ConfigError("optim.lr", "must be > 0, got -1")))
+    assert error.field == "optim.lr" and str(error) == "optim.lr: must be > 0, got -1"

@@ -1,0 +1,72 @@
+"""A tiny sweep on CPU: ASHA stops weak trials, a failing trial is recorded, the best config trains."""
+import json
+
+import pytest
+import yaml
+
+from tests.test_train import TINY
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, image_tree, tmp_path_factory):
+    from pipelines.encode import main as encode
+    from tuning.sweep import main as sweep_main
+    root = tmp_path_factory.mktemp("tune")
+    data = root / "pixel8"
+    encode(["--data", str(image_tree[0]), "--out", str(data), "--codec", "pixel", "--resolution", "8",
+            "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+    preset = root / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    space = root / "space.yaml"
+    # a grid, so the 4 trials are known: lr 1e-5 learns nothing (ASHA should stop it), -1 is invalid (fails)
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "grid", "values": [3e-3, 1e-5, 1e-3, -1.0]},
+                                     "diffusion.teacher_sigma": {"type": "choice", "values": [0.002]}}))
+    summary = sweep_main(["--data", str(data), "--preset", str(preset), "--space", str(space), "--search", "grid",
+                          "--num-samples", "1", "--budget-steps", "12", "--grace-steps", "4", "--proxy-samples", "24",
+                          "--max-concurrent", "1", "--name", "tiny", "--run-dir", str(root / "runs")])
+    return root, data, summary
+
+
+def test_sweep_stops_weak_trials_and_records_the_failed_one(sweep):
+    root, _, summary = sweep
+    trials = summary["trials"]
+    assert len(trials) == 4
+    statuses = {t["params"]["optim.lr"]: t["status"] for t in trials}
+    assert statuses[-1.0] == "error"
+    failed = next(t for t in trials if t["status"] == "error")
+    assert "optim.lr" in failed["error"]
+    assert "stopped early" in statuses.values()             # ASHA cut at least one trial before the budget
+    assert sum(s == "completed" for s in statuses.values()) >= 1
+    assert summary["metric"] == "proxy_fid_domain"
+    assert summary["best"]["params"]["optim.lr"] in (3e-3, 1e-3)
+    saved = json.loads((root / "runs" / "sweeps" / "tiny" / "trials.json").read_text())
+    assert saved["best"] == summary["best"]
+
+
+def test_best_config_is_a_preset_the_train_stage_loads(sweep):
+    from pipelines.train import parse_args, resolve_config
+    root, data, summary = sweep
+    args = parse_args(["--data", str(data), "--preset", summary["best_config"], "--num-workers", "1"])
+    config = resolve_config(args)
+    assert config.optim.lr == summary["best"]["params"]["optim.lr"]
+    assert config.model.hidden_size == TINY["model"]["hidden_size"]
+    assert summary["best_checkpoint"], "the best trial's checkpoint is handed on"
+
+
+def test_mlflow_has_the_sweep_run_with_trial_children_and_the_plot(sweep):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    root, _, summary = sweep
+    client = MlflowClient(tracking_uri(root / "runs"))
+    experiment = client.get_experiment_by_name("sddit")
+    [sweep_run] = client.search_runs([experiment.experiment_id], "tags.`sddit.sweep_name` = 'tiny'")
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
+    assert len(children) == 3                                 # the invalid trial never started training
+    for child in children:
+        assert "searched.optim.lr" in child.data.params
+        assert client.get_metric_history(child.info.run_id, "proxy_fid_domain")
+    artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    assert {"best.yaml", "trials.json", "proxy_vs_params.png"} <= artifacts
+    assert sweep_run.data.metrics["trials_errored"] == 1

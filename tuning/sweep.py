@@ -1,0 +1,291 @@
+"""Stage 3, tune: Ray Tune sweeps over mask ratio, teacher sigma and temperatures.
+
+    python tuning/sweep.py --data runs/demo/data --preset demo --num-samples 8 --budget-steps 300
+
+Each trial is a short Ray Train run (a TorchTrainer per trial, Train V2 style) that reports a
+proxy quality metric (FID on a few hundred samples from the generation EMA, against the
+dataset, with the extractor the preset calls for) every --proxy-every steps; ASHA stops the
+weak trials early. The best trial's config is written as a YAML preset (and its checkpoint path
+to best.json) for the final training. Re-running with --resume continues an interrupted sweep
+without rerunning finished trials; a trial that fails is recorded and the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit.config import apply_overrides, config_from_dict, load_preset, preset_names, save_config  # noqa: E402
+from sddit.data import DataError, Manifest  # noqa: E402
+from sddit.errors import ConfigError  # noqa: E402
+from sddit.training import fit_to_dataset  # noqa: E402
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
+SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory written by pipelines/encode.py")
+    parser.add_argument("--preset", default="demo", help=f"base preset ({', '.join(preset_names())}) or YAML path")
+    parser.add_argument("--space", default=str(DEFAULT_SPACE), help="search-space YAML (default: the shipped default space)")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials (for grid spaces: repeats of the grid)")
+    parser.add_argument("--search", default="random", choices=["random", "optuna", "grid"], help="search algorithm")
+    parser.add_argument("--scheduler", default="asha", choices=["asha", "none"], help="early stopping (default asha)")
+    parser.add_argument("--budget-steps", type=int, default=300, help="training steps per trial at most (default 300)")
+    parser.add_argument("--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default budget/4)")
+    parser.add_argument("--proxy-every", type=int, default=None, help="steps between proxy-metric evaluations (default grace)")
+    parser.add_argument("--proxy-samples", type=int, default=200, help="samples per proxy FID (default 200)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial, spread over its workers (default 0)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="fixed overrides of the base preset for every trial")
+    parser.add_argument("--name", default=None, help="sweep name (default sweep-<preset>); --resume needs the same name")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--run-dir", default="runs", help="root of the MLflow store and default storage (default runs/)")
+    parser.add_argument("--storage", default=None, help="storage shared by all nodes (default RUN_DIR/ray)")
+    parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
+    args = parser.parse_args(argv)
+    args.grace_steps = args.grace_steps or max(args.budget_steps // 4, 1)
+    args.proxy_every = args.proxy_every or args.grace_steps
+    return args
+
+
+def load_space(path: str | Path, config_keys: set[str]) -> dict:
+    """{'model.mask_ratio': {'type': 'uniform', 'low': 0, 'high': 0.7}, ...}, checked field by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("space", f"no such search-space file: {path}")
+    space = yaml.safe_load(path.read_text()) or {}
+    if not space:
+        raise ConfigError("space", f"{path} defines no parameters")
+    for key, spec in space.items():
+        if key not in config_keys:
+            raise ConfigError(f"space.{key}", f"{path}: not a config field (SECTION.FIELD)")
+        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+            raise ConfigError(f"space.{key}", f"{path}: expected {{type: {'|'.join(SPACE_TYPES)}, ...}}, got {spec!r}")
+        if spec["type"] in ("uniform", "loguniform") and not ("low" in spec and "high" in spec and spec["low"] < spec["high"]):
+            raise ConfigError(f"space.{key}", f"{path}: needs low < high")
+        if spec["type"] in ("choice", "grid") and not spec.get("values"):
+            raise ConfigError(f"space.{key}", f"{path}: needs a non-empty list of values")
+    return space
+
+
+def tune_domain(space: dict) -> dict:
+    from ray import tune
+    make = {"uniform": lambda s: tune.uniform(s["low"], s["high"]),
+            "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
+            "choice": lambda s: tune.choice(s["values"]),
+            "grid": lambda s: tune.grid_search(s["values"])}
+    return {key: make[spec["type"]](spec) for key, spec in space.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: a short Ray Train run
+# ---------------------------------------------------------------------------------------------
+
+def run_trial(trial: dict) -> None:
+    """Tune function trainable: fit a TorchTrainer on this trial's config; metrics reach Tune via the callback."""
+    import mlflow
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import find_or_start_mlflow_run, train_worker
+    context = trial["context"]
+    params = {key: trial[key] for key in context["space_keys"]}
+    config = apply_overrides(config_from_dict(context["base_config"]),
+                             [f"{key}={value}" for key, value in params.items()])
+    name = f"{context['sweep_name']}-{tune.get_context().get_trial_id()}"
+    mlflow.set_tracking_uri(context["mlflow_uri"])
+    mlflow.set_experiment(context["experiment"])
+    with find_or_start_mlflow_run(name, {**config.flat(), **{f"searched.{k}": v for k, v in params.items()}},
+                                  parent_run_id=context["sweep_run_id"]) as run:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": config.to_dict(), "data": context["data"], "init_from": None,
+                               "mlflow_uri": context["mlflow_uri"], "mlflow_run_id": run.info.run_id, "kill": None,
+                               "cpus_per_worker": context["cpus_per_worker"], "proxy": context["proxy"]},
+            scaling_config=ScalingConfig(num_workers=context["workers"], use_gpu=context["gpus_per_worker"] > 0,
+                                         resources_per_worker={"CPU": context["cpus_per_worker"],
+                                                               "GPU": context["gpus_per_worker"]}),
+            run_config=RunConfig(name=name, storage_path=context["storage"], callbacks=[TuneReportCallback()],
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        )
+        trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+def sweep(args) -> dict:
+    import mlflow
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipelines.common import init_ray
+    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+
+    # everything that can be wrong is checked before Ray starts
+    base = apply_overrides(load_preset(args.preset), list(args.overrides) + [
+        f"train.steps={args.budget_steps}", f"train.checkpoint_every={args.proxy_every}",
+        f"train.log_every={args.proxy_every}", f"train.sample_every={args.budget_steps}"])
+    base = fit_to_dataset(base, Manifest.read(args.data), args.data)
+    space = load_space(args.space, set(base.flat()))
+    extractor = "domain" if base.data.codec == "pixel" else "inception"
+    metric = f"proxy_fid_{extractor}"
+    name = args.name or f"sweep-{Path(args.preset).stem}"
+    storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
+
+    ray = init_ray(args.address)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus_per_worker = args.gpus_per_trial / args.workers_per_trial if args.gpus_per_trial else 0
+    cpus_per_worker = 1
+    trial_cpus = cpus_per_worker * args.workers_per_trial
+    # concurrent trials that the cluster can hold at once, so a small machine never deadlocks
+    fits = cpus // trial_cpus if not args.gpus_per_trial else min(cpus // trial_cpus, gpus // args.gpus_per_trial)
+    if fits < 1:
+        raise ConfigError("workers_per_trial", f"a trial needs {trial_cpus} CPUs and {args.gpus_per_trial} GPUs; "
+                                               f"the cluster has {cpus} CPUs and {gpus} GPUs")
+    max_concurrent = min(args.max_concurrent or fits, fits)
+
+    uri = tracking_uri(args.run_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    parent = os.environ.get(PARENT_ENV) or None
+    existing = mlflow.search_runs(filter_string=f"tags.`sddit.sweep_name` = '{name}'", output_format="list")
+    run_ctx = (mlflow.start_run(run_id=existing[0].info.run_id) if existing and args.resume else
+               mlflow.start_run(run_name=name, parent_run_id=parent, nested=parent is not None,
+                                tags={"sddit.stage": "tune", "sddit.sweep_name": name}))
+    with run_ctx as sweep_run:
+        if not (existing and args.resume):
+            mlflow.log_params({"preset": args.preset, "space": str(args.space), "search": args.search,
+                               "scheduler": args.scheduler, "num_samples": args.num_samples,
+                               "budget_steps": args.budget_steps, "grace_steps": args.grace_steps,
+                               "proxy_metric": metric, "proxy_samples": args.proxy_samples,
+                               "max_concurrent_trials": max_concurrent, "seed": args.seed})
+            mlflow.log_dict(space, "search_space.yaml")
+        context = {
+            "base_config": base.to_dict(), "data": str(Path(args.data).resolve()), "space_keys": list(space),
+            "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri, "experiment": EXPERIMENT,
+            "storage": str(storage), "workers": args.workers_per_trial, "cpus_per_worker": cpus_per_worker,
+            "gpus_per_worker": gpus_per_worker,
+            "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "extractor": extractor},
+        }
+        # the trial function only drives its TorchTrainer: no CPU of its own (its workers hold them), just
+        # a token of memory, since Tune refuses an empty resource request
+        trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 64 * 2**20})
+        path = storage / name
+        if args.resume and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,
+                                       resume_unfinished=True)
+        else:
+            searcher = None
+            if args.search == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+                searcher = OptunaSearch(metric=metric, mode="min", seed=args.seed)
+            scheduler = (ASHAScheduler(time_attr="step", max_t=args.budget_steps, grace_period=args.grace_steps,
+                                       reduction_factor=2) if args.scheduler == "asha" else FIFOScheduler())
+            tuner = tune.Tuner(
+                trainable,
+                param_space={**tune_domain(space), "context": context},
+                tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=args.num_samples,
+                                            search_alg=searcher, scheduler=scheduler,
+                                            max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                          failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+            )
+        results = tuner.fit()
+        return summarise(results, space, base, metric, args, name)
+
+
+def summarise(results, space: dict, base, metric: str, args, name: str) -> dict:
+    """Best config as a preset, the best checkpoint, per-trial outcomes and the parameter plots, to MLflow."""
+    import mlflow
+
+    out = Path(args.run_dir).resolve() / "sweeps" / name
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
+    trials = []
+    for result in results:
+        config = result.config or {}
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])  # run_trial_<id>_<n>_...
+        trials.append({"params": {key: config.get(key) for key in space},
+                       metric: metrics.get(metric), "last_step": metrics.get("step"),
+                       "status": "error" if result.error else (
+                           "stopped early" if (metrics.get("step") or 0) < args.budget_steps else "completed"),
+                       "error": root_cause(result.error) if result.error else None,
+                       "checkpoint": latest_checkpoint(storage / f"{name}-{trial_id}")})
+    finished = [t for t in trials if t[metric] is not None and not t["error"]]
+    if not finished:
+        raise RuntimeError(f"sweep {name}: no trial reported {metric}; see {out / 'trials.json'}")
+    best = min(finished, key=lambda t: t[metric])
+    best_config = apply_overrides(base, [f"{key}={value}" for key, value in best["params"].items()])
+    save_config(best_config, out / "best.yaml")
+    summary = {"metric": metric, "best": best, "best_config": str(out / "best.yaml"),
+               "best_checkpoint": best["checkpoint"], "trials": trials}
+    (out / "trials.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "best.json").write_text(json.dumps({"config": str(out / "best.yaml"), "checkpoint": best["checkpoint"],
+                                               metric: best[metric], "params": best["params"]}, indent=2))
+    plot_path = plot_parameters(finished, list(space), metric, out / "proxy_vs_params.png")
+    mlflow.log_metrics({f"best_{metric}": best[metric], "trials_errored": sum(t["status"] == "error" for t in trials),
+                        "trials_stopped_early": sum(t["status"] == "stopped early" for t in trials)})
+    mlflow.log_artifact(str(out / "best.yaml"))
+    mlflow.log_artifact(str(out / "trials.json"))
+    mlflow.log_artifact(str(plot_path))
+    print(f"tune: best {metric} = {best[metric]:.4g} with {best['params']}; preset: {out / 'best.yaml'}", flush=True)
+    return summary
+
+
+def latest_checkpoint(train_run: Path) -> str | None:
+    """A trial's last checkpoint, from its Ray Train run directory (Tune can drop the final report)."""
+    found = sorted(p.parent for p in train_run.glob("checkpoint_*/checkpoint.pt"))
+    return str(found[-1]) if found else None
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost exception's line ('sddit.errors.ConfigError: optim.lr: must be > 0'), not Ray's wrapper."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else repr(error))[:300]
+
+
+def plot_parameters(trials: list[dict], keys: list[str], metric: str, path: Path) -> Path:
+    """One scatter panel per searched parameter: the proxy metric of each finished trial against it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.scatter([t["params"][key] for t in trials], [t[metric] for t in trials], color="tab:blue")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        if key == "diffusion.teacher_sigma":
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    return sweep(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        sys.exit(f"tune: {error}")
