@@ -1,77 +1,228 @@
-"""The whole pipeline, end to end (work in progress: see README, "Status").
+"""The whole pipeline: encode -> tune -> train -> evaluate, under one MLflow parent run.
 
-Today this runs what exists: the `sddit` core library trains the `demo` preset (a tiny SD-DiT) on
-scikit-learn's bundled handwritten digits with a plain single-process loop, then samples one row
-per digit with the EDM Heun sampler from the generation EMA and writes a grid PNG. The Ray stages
-(encode, tune, train, evaluate) replace this loop as they land.
+    python pipelines/full_run.py                      # the embedded demo, local Ray, CPU, minutes
+    python pipelines/full_run.py --cluster --preset imagenet256-XL2 --data /shared/imagenet/train \\
+        --storage /shared/sddit --inception-weights /shared/weights/pt_inception-2015-12-05-6726825d.pth \\
+        --reference /shared/VIRTUAL_imagenet256_labeled.npz
+
+With no arguments it writes scikit-learn's bundled handwritten digits as an image folder, encodes
+them with the pixel codec, runs a small sweep, trains the best config onwards from the best
+trial's checkpoint, and evaluates with the domain extractor. Every stage skips work already done,
+so re-running the same command continues rather than repeats.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, load_preset  # noqa: E402
-from sddit.diffusion import edm_sample  # noqa: E402
-from sddit.images import save_grid  # noqa: E402
-from sddit.training import build_training, train_step  # noqa: E402
+from sddit.config import load_preset  # noqa: E402
+from sddit.data import DataError  # noqa: E402
+from sddit.errors import ConfigError  # noqa: E402
+
+STAGES = ("encode", "tune", "train", "evaluate")
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "demo.yaml"
 
 
-def load_digits(resolution: int):
-    """scikit-learn's 1,797 8x8 digits, upsampled to `resolution`, in [-1, 1]: ([N, 1, R, R], [N])."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    digits = sklearn_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return x * 2 - 1, torch.tensor(digits.target, dtype=torch.long)
-
-
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", help="preset name or YAML path (default: demo)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's train.steps)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config overrides, e.g. --set model.mask_ratio=0.5 optim.lr=3e-4")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale for the grid")
-    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
+    parser.add_argument("--cluster", action="store_true", help="connect to a running Ray cluster instead of starting one")
+    parser.add_argument("--address", default=None, help="Ray address with --cluster (default 'auto')")
+    parser.add_argument("--preset", default="demo", help="preset for the whole run (default demo)")
+    parser.add_argument("--data", default=None, help="image folder ROOT/<class>/<images> (default: the bundled digits)")
+    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="VAE hub id or local directory (sd-vae presets)")
+    parser.add_argument("--storage", default=None, help="shared storage for shards, checkpoints, results (default RUN_DIR)")
+    parser.add_argument("--inception-weights", default=None, help="FID Inception weights file (inception extractor)")
+    parser.add_argument("--reference", default=None, help="ADM reference .npz (default: statistics of the training shards)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--run-dir", default="runs", help="local run directory: MLflow store, summary (default runs/)")
+    parser.add_argument("--num-workers", type=int, default=None, help="training workers (default 1 locally, all GPUs on --cluster)")
+    parser.add_argument("--sweep-samples", type=int, default=None, help="sweep trials (default 4 demo, 16 cluster)")
+    parser.add_argument("--sweep-budget", type=int, default=None, help="steps per trial (default 100 demo, 20000 cluster)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="final training steps (default: the preset's, less the sweep budget for the demo)")
+    parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 500 demo, 50000)")
+    parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 18 demo, 40)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for the recognisability check (default 3 demo, 1.5)")
+    args = parser.parse_args(argv)
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        parser.error(f"--stages: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    if args.cluster and not args.data and args.preset != "demo":
+        parser.error("--cluster with a non-demo preset needs --data (the image folder on shared storage)")
+    return args
 
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    config = apply_overrides(load_preset(args.preset), overrides)
-    torch.manual_seed(args.seed)
-    x_all, y_all = load_digits(config.model.input_size)
-    model, optimizer, ema, schedules = build_training(config)
-    batch = config.optim.batch_size
 
-    # train: one readable loop, progress in images
+class Plan:
+    """Where everything goes and how big each stage is, derived once from the arguments."""
+
+    def __init__(self, args):
+        demo = args.preset == "demo"
+        self.config = load_preset(args.preset)
+        self.run_dir = Path(args.run_dir).resolve()
+        self.storage = Path(args.storage).resolve() if args.storage else self.run_dir
+        self.images = Path(args.data).resolve() if args.data else self.storage / "demo" / "digits"
+        self.dataset = self.storage / "datasets" / f"{self.config.data.codec}-{self.config.data.resolution}"
+        self.name = Path(args.preset).stem
+        self.codec = self.config.data.codec
+        self.extractor = "domain" if self.codec == "pixel" else "inception"
+        self.sweep_samples = args.sweep_samples or (4 if demo else 16)
+        self.sweep_budget = args.sweep_budget or (100 if demo else 20_000)
+        # the final training starts from the best trial's weights, so the sweep's budget counts towards it
+        self.train_steps = args.train_steps or max(self.config.train.steps - (self.sweep_budget if demo else 0), 1)
+        self.eval_samples = args.eval_samples or (500 if demo else 50_000)
+        self.eval_steps = args.eval_steps or (18 if demo else 40)
+        self.cfg_scale = args.cfg_scale or (3.0 if demo else 1.5)
+        self.flip = not demo                                # a mirrored digit is not a digit
+
+
+def run_stages(args, plan: Plan, ray) -> dict:
+    from pipelines import encode, evaluate, train
+    from tuning import sweep
+
+    stages = args.stages.split(",")
+    common = ["--run-dir", str(plan.run_dir)] + (["--address", args.address or "auto"] if args.cluster else [])
+    num_workers = args.num_workers or (int(ray.cluster_resources().get("GPU", 0)) or 1 if args.cluster else 1)
+    use_gpu = ["--use-gpu"] if args.cluster and ray.cluster_resources().get("GPU", 0) else []
+    summary: dict = {"stages": {}}
+
+    if "encode" in stages:
+        start = time.time()
+        if args.data is None:
+            from pipelines.demo_data import write_digits
+            write_digits(plan.images)
+        encode.main(["--data", str(plan.images), "--out", str(plan.dataset), "--codec", plan.codec, "--vae", args.vae,
+                     "--resolution", str(plan.config.data.resolution)] + ([] if plan.flip else ["--no-flip"]) + common)
+        summary["stages"]["encode"] = time.time() - start
+
+    preset, init_from = args.preset, None
+    if "tune" in stages:
+        start = time.time()
+        result = sweep.main(["--data", str(plan.dataset), "--preset", args.preset, "--num-samples", str(plan.sweep_samples),
+                             "--budget-steps", str(plan.sweep_budget), "--name", f"sweep-{plan.name}",
+                             "--storage", str(plan.storage / "ray"), "--resume"]
+                            + ([] if args.cluster else ["--max-concurrent", "1", "--proxy-samples", "100"])
+                            + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common)
+        preset, init_from = result["best_config"], result["best_checkpoint"]
+        summary["stages"]["tune"] = time.time() - start
+        summary["best_params"] = result["best"]["params"]
+
+    checkpoint = None
+    if "train" in stages:
+        start = time.time()
+        extra = ["--init-from", init_from] if init_from else []
+        result = train.main(["--data", str(plan.dataset), "--preset", str(preset), "--steps", str(plan.train_steps),
+                             "--num-workers", str(num_workers), "--name", f"final-{plan.name}",
+                             "--storage", str(plan.storage / "ray")] + use_gpu + extra + common)
+        checkpoint = result["checkpoint"]
+        summary["stages"]["train"] = time.time() - start
+        summary["checkpoint"] = checkpoint
+
+    if "evaluate" in stages:
+        if checkpoint is None:
+            raise ConfigError("stages", "evaluate needs the train stage in the same run (its checkpoint)")
+        start = time.time()
+        evaluation = ["--num-samples", str(plan.eval_samples), "--steps", str(plan.eval_steps),
+                      "--extractor", plan.extractor] + (["--reference", args.reference] if args.reference else []) + (
+            ["--inception-weights", args.inception_weights] if args.inception_weights else []) + common
+        # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability
+        summary["metrics_cfg1"] = evaluate.main(["--checkpoint", checkpoint, "--cfg-scale", "1"] + evaluation)
+        summary["metrics_cfg"] = evaluate.main(["--checkpoint", checkpoint, "--cfg-scale", str(plan.cfg_scale)] + evaluation)
+        summary["cfg_scale"] = plan.cfg_scale
+        untrained = untrained_checkpoint(checkpoint, plan.storage / "untrained")
+        summary["metrics_untrained_cfg1"] = evaluate.main(["--checkpoint", str(untrained), "--cfg-scale", "1"] + evaluation)
+        summary["samples"] = str(write_summary_grid(Path(checkpoint), plan))
+        summary["stages"]["evaluate"] = time.time() - start
+    return summary
+
+
+def untrained_checkpoint(trained: str, directory: Path) -> Path:
+    """The same model at initialisation, for the 'better than untrained' baseline (written once)."""
+    import torch
+
+    from sddit.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+    from sddit.training import build_training
+    if (directory / CHECKPOINT_FILE).exists():
+        return directory
+    payload = load_checkpoint(trained)
+    torch.manual_seed(payload["config"].train.seed)
+    model, optimizer, ema, _ = build_training(payload["config"])
+    save_checkpoint(directory, config=payload["config"], model=model, generation_ema=ema, optimizer=optimizer,
+                    step=0, images_seen=0, data_position={}, rng={}, dataset=payload["dataset"])
+    return directory
+
+
+def write_summary_grid(checkpoint: Path, plan: Plan) -> Path:
+    """A row per class from the guided evaluation's samples, next to the run directory."""
+    import numpy as np
+    import torch
+
+    from sddit.checkpoint import resolve
+    from sddit.images import save_grid
+    from pipelines.evaluate import default_out
+    samples = np.load(default_out(resolve(checkpoint), plan.eval_steps, plan.cfg_scale) / "samples.npz")
+    images, labels = samples["arr_0"], samples["arr_1"]
+    classes = sorted(set(labels.tolist()))[:10]
+    rows = [images[labels == c][:10] for c in classes]
+    grid = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return save_grid(grid, plan.run_dir / f"{plan.name}_samples.png", nrow=10, scale=4)
+
+
+def main(argv=None) -> dict:
+    import mlflow
+
+    from pipelines.common import init_ray
+    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+    args = parse_args(argv)
+    plan = Plan(args)
     start = time.time()
-    skipped = torch.zeros((), dtype=torch.long)
-    bar = tqdm(range(config.train.steps), desc="train", unit="step")
-    for step in bar:
-        idx = torch.randint(0, len(x_all), (batch,))
-        result = train_step(model, optimizer, ema, x_all[idx], y_all[idx], step=step, config=config, schedules=schedules)
-        skipped += ~result.applied           # counted on the device: no per-step sync
-        if step % config.train.log_every == 0:
-            bar.set_postfix(loss=f"{result.parts['loss'].item():.3f}", gen=f"{result.parts['loss_gen'].item():.3f}")
-    train_seconds = time.time() - start
+    ray = init_ray((args.address or "auto") if args.cluster else None)
+    uri = tracking_uri(plan.run_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"full_run {plan.name}", tags={"sddit.stage": "pipeline"}) as parent:
+        mlflow.log_params({"preset": args.preset, "stages": args.stages, "cluster": args.cluster,
+                           "data": str(plan.images), "storage": str(plan.storage)})
+        os.environ[PARENT_ENV] = parent.info.run_id         # every stage's run becomes a child of this one
+        try:
+            summary = run_stages(args, plan, ray)
+        finally:
+            del os.environ[PARENT_ENV]
+        summary["wall_s"] = time.time() - start
+        numeric = {f"{prefix}.{k}": v for prefix in ("metrics_cfg1", "metrics_cfg", "metrics_untrained_cfg1")
+                   for k, v in summary.get(prefix, {}).items()}
+        mlflow.log_metrics({**numeric, "wall_s": summary["wall_s"]})
+        if "samples" in summary:
+            mlflow.log_artifact(summary["samples"])
+    (plan.run_dir / f"{plan.name}_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, plan, uri)
+    return summary
 
-    # sample: a row per digit from the generation EMA
-    labels = torch.arange(10).repeat_interleave(10)
-    noise = torch.randn(len(labels), config.model.in_channels, config.model.input_size, config.model.input_size,
-                        generator=torch.Generator().manual_seed(args.seed))
-    samples = edm_sample(ema, noise, labels, steps=18, cfg_scale=args.cfg_scale)
-    grid = save_grid(samples.clamp(-1, 1), Path(args.out) / "samples.png", nrow=10, scale=4)
-    print(f"trained {config.model.name} ({config.train.steps} steps, {config.train.steps * batch} images, "
-          f"{skipped.item()} skipped) in {train_seconds:.0f} s; final loss {result.parts['loss'].item():.3f}")
-    print(f"samples (row i = digit i, CFG {args.cfg_scale}): {grid}")
+
+def print_summary(summary: dict, plan: Plan, uri: str) -> None:
+    print("\n=== sddit full_run summary ===")
+    print(f"wall time: {summary['wall_s'] / 60:.1f} min ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items()) + ")")
+    suffix = plan.extractor
+    if "metrics_cfg1" in summary:
+        fid, fid0 = summary["metrics_cfg1"][f"fid_{suffix}"], summary["metrics_untrained_cfg1"][f"fid_{suffix}"]
+        print(f"FID ({suffix}, CFG 1, {plan.eval_samples} samples): {fid:.3f}  (untrained: {fid0:.3f}, "
+              f"ratio {fid / fid0:.3f})")
+        agreement = summary["metrics_cfg"].get(f"class_agreement_{suffix}")
+        if agreement is not None:
+            print(f"samples classified as the requested class (CFG {summary['cfg_scale']:g}): {100 * agreement:.1f}%")
+        print(f"sample grid: {summary['samples']}")
+    if "checkpoint" in summary:
+        print(f"checkpoint: {summary['checkpoint']}")
+    print(f"browse: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        sys.exit(f"full_run: {error}")

@@ -109,8 +109,9 @@ class RayHooks:
             self.client.log_image(self.run_id, grid_image(codec.decode(latents.cpu()), nrow=8), key="samples", step=step)
 
     def evaluate(self, step, ema):
-        """The sweep's proxy metric: FID (and friends) of a few generated samples against the dataset."""
-        if not self.proxy or step % self.proxy["every"]:
+        """The sweep's proxy metric at every log step (a Tune scheduler needs it in every result): FID and
+        friends of a few generated samples against the dataset."""
+        if not self.proxy:
             return {}
         from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
         device = next(ema.parameters()).device
@@ -193,8 +194,8 @@ def find_or_start_mlflow_run(name: str, params: dict, parent_run_id: str | None 
 
     from pipelines.tracking import PARENT_ENV
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.train_name` = '{name}'", output_format="list")
-    if existing:
-        return mlflow.start_run(run_id=existing[0].info.run_id)
+    if existing:   # nested when a pipeline's parent run is active in this process
+        return mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     run = mlflow.start_run(run_name=f"train {name}", parent_run_id=parent, nested=parent is not None,
                            tags={"sddit.stage": "train", "sddit.train_name": name})

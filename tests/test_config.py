@@ -24,7 +24,7 @@ def test_presets_load_and_have_the_paper_recipe():
 
 def test_demo_preset_is_tiny_and_pixel_space():
     cfg = load_preset("demo")
-    assert cfg.data.codec == "pixel" and cfg.model.in_channels == 1 and cfg.model.num_classes == 10
+    assert cfg.data.codec == "pixel" and cfg.model.in_channels == 3 and cfg.model.num_classes == 10
     assert sum(p.numel() for p in build_from_config(cfg.model).student_parameters()) < 5e6
 
 

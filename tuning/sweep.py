@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", default="asha", choices=["asha", "none"], help="early stopping (default asha)")
     parser.add_argument("--budget-steps", type=int, default=300, help="training steps per trial at most (default 300)")
     parser.add_argument("--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default budget/4)")
-    parser.add_argument("--proxy-every", type=int, default=None, help="steps between proxy-metric evaluations (default grace)")
+    parser.add_argument("--proxy-every", type=int, default=None,
+                        help="steps between reports of the proxy metric (default: the grace period)")
     parser.add_argument("--proxy-samples", type=int, default=200, help="samples per proxy FID (default 200)")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial, spread over its workers (default 0)")
@@ -151,21 +152,24 @@ def sweep(args) -> dict:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     gpus_per_worker = args.gpus_per_trial / args.workers_per_trial if args.gpus_per_trial else 0
-    cpus_per_worker = 1
-    trial_cpus = cpus_per_worker * args.workers_per_trial
-    # concurrent trials that the cluster can hold at once, so a small machine never deadlocks
-    fits = cpus // trial_cpus if not args.gpus_per_trial else min(cpus // trial_cpus, gpus // args.gpus_per_trial)
+    # concurrent trials that the cluster can hold at once (a worker needs at least one CPU), so a
+    # small machine never deadlocks; the CPUs are then shared evenly among the running workers
+    fits = cpus // args.workers_per_trial
+    if args.gpus_per_trial:
+        fits = min(fits, gpus // args.gpus_per_trial)
     if fits < 1:
-        raise ConfigError("workers_per_trial", f"a trial needs {trial_cpus} CPUs and {args.gpus_per_trial} GPUs; "
-                                               f"the cluster has {cpus} CPUs and {gpus} GPUs")
+        raise ConfigError("workers_per_trial", f"a trial needs {args.workers_per_trial} CPUs and {args.gpus_per_trial} "
+                                               f"GPUs; the cluster has {cpus} CPUs and {gpus} GPUs")
     max_concurrent = min(args.max_concurrent or fits, fits)
+    cpus_per_worker = max(1, cpus // (max_concurrent * args.workers_per_trial))
 
     uri = tracking_uri(args.run_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
     parent = os.environ.get(PARENT_ENV) or None
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.sweep_name` = '{name}'", output_format="list")
-    run_ctx = (mlflow.start_run(run_id=existing[0].info.run_id) if existing and args.resume else
+    run_ctx = (mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
+               if existing and args.resume else
                mlflow.start_run(run_name=name, parent_run_id=parent, nested=parent is not None,
                                 tags={"sddit.stage": "tune", "sddit.sweep_name": name}))
     with run_ctx as sweep_run:

@@ -1,0 +1,134 @@
+"""full_run end to end on the embedded demo (tiny budgets), and its MLflow store in a real browser."""
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["--sweep-samples", "2", "--sweep-budget", "8", "--train-steps", "8", "--eval-samples", "30",
+         "--eval-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_session, tmp_path_factory):
+    from pipelines.full_run import main
+    run_dir = tmp_path_factory.mktemp("full_run") / "runs"
+    summary = main(["--run-dir", str(run_dir)] + SMOKE)
+    return run_dir, summary
+
+
+def test_demo_pipeline_runs_every_stage_and_summarises(smoke):
+    run_dir, summary = smoke
+    assert set(summary["stages"]) == {"encode", "tune", "train", "evaluate"}
+    for key in ("metrics_cfg1", "metrics_cfg", "metrics_untrained_cfg1"):
+        assert {"fid_domain", "is_domain", "class_agreement_domain"} <= set(summary[key])
+    assert Path(summary["samples"]).is_file() and Path(summary["checkpoint"]).is_dir()
+    saved = json.loads((run_dir / "demo_summary.json").read_text())
+    assert saved["checkpoint"] == summary["checkpoint"]
+    digits = run_dir / "demo" / "digits"
+    assert sorted(p.name for p in digits.iterdir() if p.is_dir()) == [str(d) for d in range(10)]
+    assert sum(1 for _ in digits.rglob("*.png")) == 1797
+
+
+def test_mlflow_has_one_parent_run_with_a_child_per_stage(smoke):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    run_dir, _ = smoke
+    client = MlflowClient(tracking_uri(run_dir))
+    experiment = client.get_experiment_by_name("sddit")
+    parent = client.search_runs([experiment.experiment_id], "tags.`sddit.stage` = 'pipeline'",
+                                order_by=["attributes.start_time ASC"])[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = sorted(child.data.tags["sddit.stage"] for child in children)
+    assert stages == ["encode", "evaluate", "evaluate", "evaluate", "train", "tune"]
+    assert "metrics_cfg1.fid_domain" in parent.data.metrics
+
+
+def test_rerunning_continues_instead_of_repeating(smoke):
+    """Same command again: shards, sweep, training and samples are all found done."""
+    from pipelines.full_run import main
+    run_dir, first = smoke
+    again = main(["--run-dir", str(run_dir)] + SMOKE)
+    assert again["checkpoint"] == first["checkpoint"]
+    assert again["metrics_cfg1"] == first["metrics_cfg1"]
+
+
+@pytest.fixture
+def mlflow_server(smoke):
+    """`mlflow server` on loopback against the smoke run's store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipelines.tracking import tracking_uri
+    run_dir, _ = smoke
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(run_dir),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not come up in 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smoke, mlflow_server):
+    """Headless Chromium (Debian's, driven by Playwright) on the real MLflow UI; screenshots are kept."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import expect, sync_playwright
+
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("sddit")
+    # the first pipeline run (the rerun test may have added a second one)
+    parent = client.search_runs([experiment.experiment_id], "tags.`sddit.stage` = 'pipeline'",
+                                order_by=["attributes.start_time ASC"])[0]
+    [train] = client.search_runs([experiment.experiment_id], "tags.`sddit.train_name` = 'final-demo'")
+    base = f"{mlflow_server}/#/experiments/{experiment.experiment_id}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            # the pipeline run, expanded to show a child run per stage
+            page.goto(f"{base}/runs", wait_until="load")
+            expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)
+            parent_row = page.get_by_role("row").filter(has=page.locator(f"a[href*='{parent.info.run_id}']"))
+            parent_row.get_by_role("button").first.click()          # expand its child runs
+            for child in ("encode", "sweep-demo", "train final-demo", "evaluate"):
+                expect(page.get_by_text(child, exact=True).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(artifacts / "mlflow_ui_runs.png"))
+
+            # a metric chart of the training run
+            page.goto(f"{base}/runs/{train.info.run_id}/model-metrics", wait_until="load")
+            expect(page.get_by_text("loss_gen", exact=True).first).to_be_visible(timeout=60_000)
+            expect(page.locator("canvas, svg.main-svg").first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(artifacts / "mlflow_ui_metrics.png"))
+
+            # the sample grid among the pipeline run's artifacts, rendered as an image
+            page.goto(f"{base}/runs/{parent.info.run_id}/artifacts", wait_until="load")
+            page.get_by_text("demo_samples.png", exact=True).first.click(timeout=60_000)
+            image = page.locator("img[src^='blob:'], img[src*='demo_samples.png']").first   # fetched, then shown
+            expect(image).to_be_visible(timeout=30_000)
+            assert image.evaluate("img => img.naturalWidth") > 0
+            page.screenshot(path=str(artifacts / "mlflow_ui_samples.png"))
+        finally:
+            browser.close()
