@@ -7,6 +7,9 @@ from pathlib import Path
 
 EXPERIMENT = os.environ.get("SDDIT_EXPERIMENT", "sddit")
 PARENT_ENV = "SDDIT_PARENT_RUN_ID"
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so the user's choice is read once, at import,
+# before any stage has set one; otherwise the first store a process used would capture all later ones
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(run_dir: str | Path) -> str:
@@ -15,9 +18,8 @@ def tracking_uri(run_dir: str | Path) -> str:
     Always absolute: Ray workers change their working directory, and a relative
     `sqlite:///mlflow.db` would silently land in a Ray temp folder.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     path = Path(run_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
