@@ -19,13 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit import code_version  # noqa: E402
 from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
 from sddit.data import (MANIFEST, DataError, EncodeSettings, Manifest, find_class_names, file_sha256,  # noqa: E402
                         list_image_folder, load_image, read_shard_metadata, shard_name, shard_schema, shard_table,
-                        write_atomic)
+                        write_atomically)
 from pipelines.common import Progress, init_ray  # noqa: E402
 
 SETTINGS_FILE = "encode_settings.json"
@@ -133,7 +134,7 @@ class ShardWriter:
         table = shard_table(self.schema, values, [r[1] for r in self.rows], [r[2] for r in self.rows],
                             [r[3] for r in self.rows], metadata)
         path = self.out / shard_name(self.shard)
-        write_atomic(table, path)
+        write_atomically(path, lambda f: pq.write_table(table, f))
         self.bytes += path.stat().st_size
         self.written += 1
         self.shard, self.rows, self.skipped, self.conversions = None, [], [], {}
@@ -211,7 +212,6 @@ def encode(args) -> Manifest:
     seconds = time.time() - start
 
     # manifest: every shard with its row count and checksum, every skip with its reason
-    import pyarrow.parquet as pq
     shards, skipped, conversions = [], [], {}
     for i in range(num_shards):
         path = out / shard_name(i)

@@ -7,9 +7,7 @@ evaluate stage needs nothing else.
 """
 from __future__ import annotations
 
-import os
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 
 from sddit import code_version
 from sddit.config import Config, config_from_dict
+from sddit.data import write_atomically
 from sddit.diffusion import EDMPrecond
 from sddit.models.dit import Backbone
 
@@ -55,13 +54,7 @@ def save_checkpoint(path: str | Path, *, config: Config, model, generation_ema, 
         "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
         "data_position": data_position, "rng": rng, "dataset": dataset, "code_version": code_version(),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def resolve(path: str | Path) -> Path:

@@ -155,14 +155,18 @@ def shard_table(schema: pa.Schema, values: np.ndarray, labels, flipped, image_id
     return pa.Table.from_arrays(columns, schema=schema.with_metadata({SHARD_METADATA_KEY: json.dumps(metadata).encode()}))
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name in the same directory, then rename: a shard is whole or absent."""
+def write_atomically(path: str | Path, write) -> Path:
+    """`write(f)` into a binary file under a temporary name beside `path`, then rename it over `path`:
+    readers see the old file or the new one, never half of one (shards, manifests, checkpoints, caches)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
-        pq.write_table(table, tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
 
 
 def file_sha256(path: Path) -> str:
@@ -233,9 +237,7 @@ class Manifest:
         return len(self.classes)
 
     def write(self, directory: Path) -> None:
-        tmp = directory / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, directory / MANIFEST)
+        write_atomically(Path(directory) / MANIFEST, lambda f: f.write(json.dumps(asdict(self), indent=2).encode()))
 
     @classmethod
     def read(cls, directory: str | Path) -> "Manifest":

@@ -12,8 +12,6 @@ written atomically to samples/batch-NNNNN.npz and a rerun only draws the batches
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sddit.codecs import make_codec
-from sddit.data import Manifest, file_sha256, read_tensor_column
+from sddit.data import Manifest, file_sha256, read_tensor_column, write_atomically
 from sddit.diffusion import edm_sample
 from sddit.extractors import DomainExtractor, InceptionExtractor
 from sddit.images import to_uint8
@@ -127,22 +125,12 @@ def batch_path(out: str | Path, batch_index: int) -> Path:
     return Path(out) / SAMPLES_DIR / f"batch-{batch_index:05d}.npz"
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_batch(out: str | Path, batch_index: int, images: np.ndarray, labels: np.ndarray | None) -> Path:
     """Temp file, then rename: a batch file is whole or absent, so its presence means 'done'."""
     path = batch_path(out, batch_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-    _replace_atomically(path, lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays))
     return path
 
 
@@ -205,7 +193,7 @@ def assemble_samples(out: str | Path, plan: SamplingPlan) -> Path:
                 _write_npy_entry(zf, "arr_1", np.int64, (plan.num_samples,),
                                  (labels for _, labels in iter_sample_batches(out, plan)))
 
-    _replace_atomically(path, write)
+    write_atomically(path, write)
     return path
 
 
@@ -301,7 +289,7 @@ class Reference:
         for key in ("mu", "sigma", "mu_s", "sigma_s", "features"):
             if getattr(self, key) is not None:
                 arrays[key] = getattr(self, key)
-        _replace_atomically(path, lambda f: np.savez(f, **arrays))
+        write_atomically(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Path, source: str) -> Reference:

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from sddit.data import file_sha256
+from sddit.data import file_sha256, write_atomically
 from sddit.metrics import sfid_features
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -369,12 +368,7 @@ class DomainExtractor:
         payload = {"key": key, "accuracy": extractor.accuracy, "info": extractor.info,
                    "architecture": net.architecture,
                    "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda f: torch.save(payload, f))
         print(f"domain classifier: trained on {extractor.info['train_rows']} rows, held-out accuracy "
               f"{extractor.accuracy:.3f}; cached at {path}", flush=True)
         return extractor
