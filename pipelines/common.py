@@ -14,6 +14,16 @@ def init_ray(address: str | None = None, **kwargs):
     return ray
 
 
+def cpus_per_worker(ray, num_workers: int) -> int:
+    """The most CPUs each of `num_workers` workers can reserve so that all of them fit on the
+    cluster's nodes at once. A worker cannot span nodes, so the total alone is not enough: two
+    one-CPU nodes hold two one-CPU workers but not one two-CPU worker."""
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+    fitting = [cpus for cpus in range(1, max(node_cpus, default=1) + 1)
+               if sum(n // cpus for n in node_cpus) >= num_workers]
+    return max(fitting, default=1)
+
+
 class Progress:
     """A tqdm bar on a terminal; a plain line every `every` seconds otherwise (logs, CI, ray job logs)."""
 

@@ -36,8 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
     parser.add_argument("--cpus-per-worker", type=int, default=None,
-                        help="CPUs (and torch threads) per worker (default: an even share of the cluster's CPUs on "
-                             "CPU runs, 4 with --use-gpu)")
+                        help="CPUs (and torch threads) per worker (default on CPU runs: the largest even share "
+                             "that fits all workers on the cluster's nodes; 4 with --use-gpu)")
     parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (train.steps)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size across workers (optim.batch_size)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (train.checkpoint_every)")
@@ -208,7 +208,7 @@ def train(args):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.common import init_ray
+    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray
     from pipelines.tracking import EXPERIMENT, tracking_uri
 
     config = resolve_config(args)                           # fails here, before any cluster work
@@ -220,8 +220,7 @@ def train(args):
     params = {**config.flat(), "data": str(Path(args.data).resolve()), "num_workers": args.num_workers,
               "use_gpu": args.use_gpu, "init_from": args.init_from, "storage": str(storage)}
     ray = init_ray(args.address)
-    cpus_per_worker = args.cpus_per_worker or (
-        4 if args.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // args.num_workers))
+    cpus_per_worker = args.cpus_per_worker or (4 if args.use_gpu else fitting_cpus(ray, args.num_workers))
     with find_or_start_mlflow_run(name, params) as run:
         trainer = TorchTrainer(
             train_worker,

@@ -50,6 +50,9 @@ def test_best_config_is_a_preset_the_train_stage_loads(sweep):
     config = resolve_config(args)
     assert config.optim.lr == summary["best"]["params"]["optim.lr"]
     assert config.model.hidden_size == TINY["model"]["hidden_size"]
+    # the preset's own schedule, not the trials' 12-step budget and 4-step checkpoint cadence
+    assert (config.train.steps, config.train.checkpoint_every, config.train.log_every) == (
+        TINY["train"]["steps"], TINY["train"]["checkpoint_every"], TINY["train"]["log_every"])
     assert summary["best_checkpoint"], "the best trial's checkpoint is handed on"
 
 

@@ -92,7 +92,7 @@ def tune_domain(space: dict) -> dict:
 # One trial: a short Ray Train run
 # ---------------------------------------------------------------------------------------------
 
-def run_trial(trial: dict) -> None:
+def run_trial(trial: dict, context: dict) -> None:
     """Tune function trainable: fit a TorchTrainer on this trial's config; metrics reach Tune via the callback."""
     import mlflow
     from ray import tune
@@ -101,7 +101,6 @@ def run_trial(trial: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.train import find_or_start_mlflow_run, train_worker
-    context = trial["context"]
     params = {key: trial[key] for key in context["space_keys"]}
     config = apply_overrides(config_from_dict(context["base_config"]),
                              [f"{key}={value}" for key, value in params.items()])
@@ -134,14 +133,15 @@ def sweep(args) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipelines.common import init_ray
+    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray
     from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
 
     # everything that can be wrong is checked before Ray starts
-    base = apply_overrides(load_preset(args.preset), list(args.overrides) + [
-        f"train.steps={args.budget_steps}", f"train.checkpoint_every={args.proxy_every}",
-        f"train.log_every={args.proxy_every}", f"train.sample_every={args.budget_steps}"])
-    base = fit_to_dataset(base, Manifest.read(args.data), args.data)
+    # trials run the preset for the sweep's budget; the best config keeps the preset's own schedule
+    preset = fit_to_dataset(apply_overrides(load_preset(args.preset), list(args.overrides)),
+                            Manifest.read(args.data), args.data)
+    base = apply_overrides(preset, [f"train.steps={args.budget_steps}", f"train.checkpoint_every={args.proxy_every}",
+                                    f"train.log_every={args.proxy_every}", f"train.sample_every={args.budget_steps}"])
     space = load_space(args.space, set(base.flat()))
     extractor = "domain" if base.data.codec == "pixel" else "inception"
     metric = f"proxy_fid_{extractor}"
@@ -161,7 +161,7 @@ def sweep(args) -> dict:
         raise ConfigError("workers_per_trial", f"a trial needs {args.workers_per_trial} CPUs and {args.gpus_per_trial} "
                                                f"GPUs; the cluster has {cpus} CPUs and {gpus} GPUs")
     max_concurrent = min(args.max_concurrent or fits, fits)
-    cpus_per_worker = max(1, cpus // (max_concurrent * args.workers_per_trial))
+    cpus_per_worker = fitting_cpus(ray, max_concurrent * args.workers_per_trial)
 
     uri = tracking_uri(args.run_dir)
     mlflow.set_tracking_uri(uri)
@@ -188,8 +188,10 @@ def sweep(args) -> dict:
             "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "extractor": extractor},
         }
         # the trial function only drives its TorchTrainer: no CPU of its own (its workers hold them), just
-        # a token of memory, since Tune refuses an empty resource request
-        trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 64 * 2**20})
+        # a token of memory, since Tune refuses an empty resource request. The shared context goes in
+        # through with_parameters, so Tune's progress tables show only the swept values.
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                        {"CPU": 0, "memory": 64 * 2**20})
         path = storage / name
         if args.resume and tune.Tuner.can_restore(str(path)):
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,
@@ -203,7 +205,7 @@ def sweep(args) -> dict:
                                        reduction_factor=2) if args.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
                 trainable,
-                param_space={**tune_domain(space), "context": context},
+                param_space=tune_domain(space),
                 tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=args.num_samples,
                                             search_alg=searcher, scheduler=scheduler,
                                             max_concurrent_trials=max_concurrent),
@@ -211,10 +213,10 @@ def sweep(args) -> dict:
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         results = tuner.fit()
-        return summarise(results, space, base, metric, args, name)
+        return summarise(results, space, preset, metric, args, name)
 
 
-def summarise(results, space: dict, base, metric: str, args, name: str) -> dict:
+def summarise(results, space: dict, preset, metric: str, args, name: str) -> dict:
     """Best config as a preset, the best checkpoint, per-trial outcomes and the parameter plots, to MLflow."""
     import mlflow
 
@@ -236,7 +238,7 @@ def summarise(results, space: dict, base, metric: str, args, name: str) -> dict:
     if not finished:
         raise RuntimeError(f"sweep {name}: no trial reported {metric}; see {out / 'trials.json'}")
     best = min(finished, key=lambda t: t[metric])
-    best_config = apply_overrides(base, [f"{key}={value}" for key, value in best["params"].items()])
+    best_config = apply_overrides(preset, [f"{key}={value}" for key, value in best["params"].items()])
     save_config(best_config, out / "best.yaml")
     summary = {"metric": metric, "best": best, "best_config": str(out / "best.yaml"),
                "best_checkpoint": best["checkpoint"], "trials": trials}
