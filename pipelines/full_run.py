@@ -42,11 +42,11 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default="runs", help="local run directory: MLflow store, summary (default runs/)")
     parser.add_argument("--num-workers", type=int, default=None, help="training workers (default 1 locally, all GPUs on --cluster)")
     parser.add_argument("--sweep-samples", type=int, default=None, help="sweep trials (default 4 demo, 16 cluster)")
-    parser.add_argument("--sweep-budget", type=int, default=None, help="steps per trial (default 50 demo, 20000 cluster)")
+    parser.add_argument("--sweep-budget", type=int, default=None, help="steps per trial (default 40 demo, 20000 cluster)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="final training steps (default: the preset's, less the sweep budget for the demo)")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 500 demo, 50000)")
-    parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 18 demo, 40)")
+    parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 12 demo, 40)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for the recognisability check (default 5 demo, 1.5)")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
@@ -71,11 +71,11 @@ class Plan:
         self.codec = self.config.data.codec
         self.extractor = "domain" if self.codec == "pixel" else "inception"
         self.sweep_samples = args.sweep_samples or (4 if demo else 16)
-        self.sweep_budget = args.sweep_budget or (50 if demo else 20_000)
+        self.sweep_budget = args.sweep_budget or (40 if demo else 20_000)
         # the final training starts from the best trial's weights, so the sweep's budget counts towards it
         self.train_steps = args.train_steps or max(self.config.train.steps - (self.sweep_budget if demo else 0), 1)
         self.eval_samples = args.eval_samples or (500 if demo else 50_000)
-        self.eval_steps = args.eval_steps or (18 if demo else 40)
+        self.eval_steps = args.eval_steps or (12 if demo else 40)
         self.cfg_scale = args.cfg_scale or (5.0 if demo else 1.5)
         self.flip = not demo                                # a mirrored digit is not a digit
 
@@ -106,8 +106,10 @@ def run_stages(args, plan: Plan, ray) -> dict:
                              "--budget-steps", str(plan.sweep_budget), "--name", f"sweep-{plan.name}",
                              "--storage", str(plan.storage / "ray"), "--resume"]
                             # locally: trials side by side on one CPU each (more img/s than one trial on all of
-                            # them), a small proxy sample, one ASHA decision half-way
+                            # them), a small proxy sample drawn like the final evaluation's, one ASHA
+                            # decision half-way
                             + ([] if args.cluster else ["--proxy-samples", "100",
+                                                        "--proxy-heun-steps", str(plan.eval_steps),
                                                         "--grace-steps", str(max(plan.sweep_budget // 2, 1))])
                             + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common)
         preset, init_from = result["best_config"], result["best_checkpoint"]

@@ -124,7 +124,8 @@ class RayHooks:
         codec, extractor, reference = self._judge
         n = self.proxy["num_samples"]
         plan = SamplingPlan(num_samples=n, batch_size=n, num_classes=self.dataset["num_classes"],
-                            latent_shape=self.dataset["latent_shape"], steps=18, cfg_scale=1.0, seed=0)
+                            latent_shape=self.dataset["latent_shape"], steps=self.proxy["heun_steps"], cfg_scale=1.0,
+                            seed=0)
         images, labels = sample_batch(ema, codec, 0, plan, device=device)
         return {f"proxy_{key}": value for key, value in compute_metrics(extractor, images, reference, labels).items()}
 

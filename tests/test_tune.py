@@ -73,3 +73,11 @@ def test_mlflow_has_the_sweep_run_with_trial_children_and_the_plot(sweep):
     artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
     assert {"best.yaml", "trials.json", "proxy_vs_params.png"} <= artifacts
     assert sweep_run.data.metrics["trials_errored"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--budget-steps", "--proxy-samples", "--proxy-heun-steps", "--num-samples"])
+def test_non_positive_sizes_are_refused_before_ray_starts(flag, capsys):
+    from tuning.sweep import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "unused", flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

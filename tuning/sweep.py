@@ -42,10 +42,12 @@ def parse_args(argv=None):
     parser.add_argument("--proxy-every", type=int, default=None,
                         help="steps between reports of the proxy metric (default: the grace period)")
     parser.add_argument("--proxy-samples", type=int, default=200, help="samples per proxy FID (default 200)")
+    parser.add_argument("--proxy-heun-steps", type=int, default=18,
+                        help="EDM Heun steps per proxy sample (default 18; 2 * steps - 1 network evaluations)")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial, spread over its workers (default 0)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm (random, optuna)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="fixed overrides of the base preset for every trial")
     parser.add_argument("--name", default=None, help="sweep name (default sweep-<preset>); --resume needs the same name")
@@ -54,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--storage", default=None, help="storage shared by all nodes (default RUN_DIR/ray)")
     parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
     args = parser.parse_args(argv)
+    for flag in ("num_samples", "budget_steps", "proxy_samples", "proxy_heun_steps", "workers_per_trial"):
+        if getattr(args, flag) < 1:   # refused here, not minutes later inside a trial
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.grace_steps = args.grace_steps or max(args.budget_steps // 4, 1)
     args.proxy_every = args.proxy_every or args.grace_steps
     return args
@@ -148,6 +153,12 @@ def sweep(args) -> dict:
     name = args.name or f"sweep-{Path(args.preset).stem}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
 
+    if extractor == "domain":
+        # the proxy's judge is trained on first use and cached with the shards: train it once here,
+        # not in each of the first trials at the same time
+        from sddit.evaluation import make_extractor
+        make_extractor("domain", dataset_dir=args.data)
+
     ray = init_ray(args.address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -178,6 +189,7 @@ def sweep(args) -> dict:
                                "scheduler": args.scheduler, "num_samples": args.num_samples,
                                "budget_steps": args.budget_steps, "grace_steps": args.grace_steps,
                                "proxy_metric": metric, "proxy_samples": args.proxy_samples,
+                               "proxy_heun_steps": args.proxy_heun_steps,
                                "max_concurrent_trials": max_concurrent, "seed": args.seed})
             mlflow.log_dict(space, "search_space.yaml")
         context = {
@@ -185,7 +197,8 @@ def sweep(args) -> dict:
             "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri, "experiment": EXPERIMENT,
             "storage": str(storage), "workers": args.workers_per_trial, "cpus_per_worker": cpus_per_worker,
             "gpus_per_worker": gpus_per_worker,
-            "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "extractor": extractor},
+            "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
+                      "extractor": extractor},
         }
         # the trial function only drives its TorchTrainer: no CPU of its own (its workers hold them), just
         # a token of memory, since Tune refuses an empty resource request. The shared context goes in
@@ -197,10 +210,12 @@ def sweep(args) -> dict:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,
                                        resume_unfinished=True)
         else:
-            searcher = None
             if args.search == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
                 searcher = OptunaSearch(metric=metric, mode="min", seed=args.seed)
+            else:   # random and grid; seeded, so the same command samples the same trials
+                from ray.tune.search.basic_variant import BasicVariantGenerator
+                searcher = BasicVariantGenerator(random_state=args.seed)
             scheduler = (ASHAScheduler(time_attr="step", max_t=args.budget_steps, grace_period=args.grace_steps,
                                        reduction_factor=2) if args.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
