@@ -4,11 +4,14 @@ Also measures the data reader (rows/s of `LatentLoader.batch`) against what trai
 Throughput is taken between log points after a warm-up, so start-up, sampling and checkpoints
 are excluded from both sides. The two sides alternate `--repeats` times and the overhead is the
 median of the per-round ratios, so a machine whose speed drifts (shared VMs) does not bias one side.
+The first Ray round also runs while the local Ray runtime it starts is still busy starting up in the
+background (on 2 cores that cost it 16% in two measurements, against 1% and -0.4% in later rounds),
+so one round alone overstates the steady-state overhead; hence 3 rounds by default.
 `--threads` sets torch's CPU threads on both sides (default: every CPU). Appends a JSON record
 to bench/results/train_overhead.jsonl.
 
-    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --steps 120 --repeats 3
-    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --threads 1
+    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --steps 120
+    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --threads 1 --repeats 2
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def main():
     parser.add_argument("--log-every", type=int, default=10, help="steps per throughput interval (default 10)")
     parser.add_argument("--use-gpu", action="store_true", help="train on GPU (both sides)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads per side (default: all)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating bare/Ray rounds (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating bare/Ray rounds (default 3)")
     parser.add_argument("--run-dir", default="runs/bench", help="scratch directory for the Ray run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_overhead.jsonl"))
     args = parser.parse_args()

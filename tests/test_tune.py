@@ -81,3 +81,21 @@ def test_non_positive_sizes_are_refused_before_ray_starts(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--data", "unused", flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_random_search_samples_the_same_trials_for_the_same_seed(ray_session, tmp_path):
+    from ray import tune
+
+    from tuning.sweep import make_searcher, tune_domain
+    space = tune_domain({"model.mask_ratio": {"type": "uniform", "low": 0.0, "high": 0.5},
+                         "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+
+    def sampled(seed: int, name: str) -> list:
+        tuner = tune.Tuner(lambda config: tune.report({"score": 0.0}), param_space=space,
+                           tune_config=tune.TuneConfig(num_samples=3, search_alg=make_searcher("random", "score", seed)),
+                           run_config=tune.RunConfig(name=name, storage_path=str(tmp_path)))
+        return sorted(tuple(sorted(result.config.items())) for result in tuner.fit())
+
+    first = sampled(0, "first")
+    assert sampled(0, "again") == first
+    assert sampled(1, "other-seed") != first

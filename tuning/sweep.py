@@ -93,6 +93,16 @@ def tune_domain(space: dict) -> dict:
     return {key: make[spec["type"]](spec) for key, spec in space.items()}
 
 
+def make_searcher(search: str, metric: str, seed: int):
+    """Optuna (TPE), or Tune's own generator for random and grid search; seeded either way, so the
+    same command samples the same trials."""
+    if search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        return OptunaSearch(metric=metric, mode="min", seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    return BasicVariantGenerator(random_state=seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # One trial: a short Ray Train run
 # ---------------------------------------------------------------------------------------------
@@ -210,12 +220,7 @@ def sweep(args) -> dict:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,
                                        resume_unfinished=True)
         else:
-            if args.search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-                searcher = OptunaSearch(metric=metric, mode="min", seed=args.seed)
-            else:   # random and grid; seeded, so the same command samples the same trials
-                from ray.tune.search.basic_variant import BasicVariantGenerator
-                searcher = BasicVariantGenerator(random_state=args.seed)
+            searcher = make_searcher(args.search, metric, args.seed)
             scheduler = (ASHAScheduler(time_attr="step", max_t=args.budget_steps, grace_period=args.grace_steps,
                                        reduction_factor=2) if args.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
