@@ -99,3 +99,12 @@ def test_random_search_samples_the_same_trials_for_the_same_seed(ray_session, tm
     first = sampled(0, "first")
     assert sampled(0, "again") == first
     assert sampled(1, "other-seed") != first
+
+
+def test_best_checkpoint_is_from_the_step_its_metric_was_measured_at(sweep):
+    # a trial's last step used to be reported twice (metrics, then metrics + checkpoint); Tune stopped the
+    # trial at max_t on the first report, so the best trial handed on an older checkpoint than its metric
+    from sddit.checkpoint import load_checkpoint
+    _, _, summary = sweep
+    best = summary["best"]
+    assert load_checkpoint(best["checkpoint"])["step"] == best["last_step"]

@@ -93,14 +93,15 @@ def tune_domain(space: dict) -> dict:
     return {key: make[spec["type"]](spec) for key, spec in space.items()}
 
 
-def make_searcher(search: str, metric: str, seed: int):
+def make_searcher(search: str, metric: str, seed: int, max_concurrent: int = 0):
     """Optuna (TPE), or Tune's own generator for random and grid search; seeded either way, so the
-    same command samples the same trials."""
+    same command samples the same trials. Tune ignores TuneConfig.max_concurrent_trials for its own
+    generator, so that one takes the limit itself."""
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         return OptunaSearch(metric=metric, mode="min", seed=seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,15 +221,16 @@ def sweep(args) -> dict:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,
                                        resume_unfinished=True)
         else:
-            searcher = make_searcher(args.search, metric, args.seed)
+            searcher = make_searcher(args.search, metric, args.seed, max_concurrent)
             scheduler = (ASHAScheduler(time_attr="step", max_t=args.budget_steps, grace_period=args.grace_steps,
                                        reduction_factor=2) if args.scheduler == "asha" else FIFOScheduler())
+            limit = max_concurrent if args.search == "optuna" else None   # the generator limits itself
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_domain(space),
                 tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=args.num_samples,
                                             search_alg=searcher, scheduler=scheduler,
-                                            max_concurrent_trials=max_concurrent),
+                                            max_concurrent_trials=limit),
                 run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
