@@ -35,7 +35,7 @@ class Rates(LoopHooks):
     def __init__(self):
         self.rates = []
 
-    def log(self, step, metrics):
+    def log(self, step, metrics, checkpoint_follows=False):
         self.rates.append(metrics["images_per_s"])
 
 

@@ -84,9 +84,8 @@ class RayHooks:
     """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train."""
 
     def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None,
-                 proxy: dict | None = None, checkpoint_every: int = 0, steps: int = 0):
+                 proxy: dict | None = None):
         self.rank, self.run_id, self.dataset, self.kill, self.proxy = rank, mlflow_run_id, dataset, kill, proxy
-        self.checkpoint_every, self.steps = checkpoint_every, steps
         self.client, self.last_logged, self.codec, self._judge = None, -1, None, None
         if rank == 0:
             from mlflow.tracking import MlflowClient
@@ -94,7 +93,7 @@ class RayHooks:
             history = self.client.get_metric_history(mlflow_run_id, "loss")
             self.last_logged = max((m.step for m in history), default=-1)   # after a restart: no duplicate steps
 
-    def log(self, step, metrics):
+    def log(self, step, metrics, checkpoint_follows=False):
         import ray.train
         maybe_kill(self.kill, self.rank, step)
         if self.client is not None and step > self.last_logged:
@@ -103,7 +102,7 @@ class RayHooks:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
         # a step that is also checkpointed reports its metrics once, with the checkpoint: a separate report
         # first would let Tune stop the trial (e.g. at its last step) before the checkpoint is saved
-        if not (self.checkpoint_every and (step % self.checkpoint_every == 0 or step == self.steps)):
+        if not checkpoint_follows:
             ray.train.report({**metrics, "step": step})
 
     def samples(self, step, latents):
@@ -182,7 +181,7 @@ def train_worker(context: dict) -> None:
     init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
     hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run_id"],
                      dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"],
-                     context.get("proxy"), checkpoint_every=config.train.checkpoint_every, steps=config.train.steps)
+                     context.get("proxy"))
     train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
                hooks=hooks, wrap_model=ray.train.torch.prepare_model if world_size > 1 else None,
                resume=resume, init_from=init_from)

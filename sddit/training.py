@@ -139,8 +139,8 @@ def sample_grid_latents(ema, config: Config, count: int = 64, seed: int = 0) -> 
 class LoopHooks:
     """Where the loop's outputs go. The default keeps everything in memory; pipelines override."""
 
-    def log(self, step: int, metrics: dict) -> None:
-        pass
+    def log(self, step: int, metrics: dict, checkpoint_follows: bool = False) -> None:
+        """`checkpoint_follows`: this step's `checkpoint` call comes next, with the same metrics."""
 
     def samples(self, step: int, latents: torch.Tensor) -> None:
         pass
@@ -160,7 +160,7 @@ class LocalHooks(LoopHooks):
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.verbose = keep, verbose
 
-    def log(self, step, metrics):
+    def log(self, step, metrics, checkpoint_follows=False):
         if self.verbose:
             print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
@@ -227,6 +227,7 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
         skipped += ~result.applied
         step += 1
         finished = step == config.train.steps
+        checkpointing = step % config.train.checkpoint_every == 0 or finished
 
         # log (the only place the host waits for the device)
         if step % config.train.log_every == 0 or finished:
@@ -244,13 +245,13 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
             if rank == 0:
                 metrics.update(hooks.evaluate(step, ema))
             last_time, last_step = time.perf_counter(), step     # evaluation time is not training time
-            hooks.log(step, metrics)
+            hooks.log(step, metrics, checkpoint_follows=checkpointing)
 
         # sample a grid from the generation EMA (rank 0)
         if rank == 0 and (step % config.train.sample_every == 0 or finished):
             hooks.samples(step, sample_grid_latents(ema, config))
 
         # save snapshot
-        if step % config.train.checkpoint_every == 0 or finished:
+        if checkpointing:
             hooks.checkpoint(step, save, metrics)
     return metrics

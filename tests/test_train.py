@@ -50,7 +50,7 @@ class CrashAt(LocalHooks):
         super().__init__(run_dir, verbose=False)
         self.at = at
 
-    def log(self, step, metrics):
+    def log(self, step, metrics, checkpoint_follows=False):
         if step >= self.at:
             raise KeyboardInterrupt(f"killed at step {step}")
 
@@ -90,7 +90,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoi
     monkeypatch.setattr(LatentLoader, "batch", poisoned)
     hooks = LocalHooks(tmp_path, verbose=False)
     logged = []
-    hooks.log = lambda step, metrics: logged.append((step, metrics["skipped_steps"]))
+    hooks.log = lambda step, metrics, checkpoint_follows=False: logged.append((step, metrics["skipped_steps"]))
     with pytest.raises(NonFiniteError, match="4 consecutive steps .* before step 8"):
         train_loop(load_preset(preset), dataset, hooks=hooks)
     last = load_checkpoint(hooks.latest())
