@@ -24,11 +24,15 @@ class DiffusionConfig:
     p_std: float = 1.2
     label_dropout: float = 0.1            # labels replaced by the null class, for classifier-free guidance
     teacher_sigma: float = 0.002          # noise level of the teacher's input x0 + teacher_sigma * n
+    # fixed: teacher_sigma; student: drawn per sample from the student's ln(sigma) ~ N(p_mean, p_std^2) (paper Fig. 6)
+    teacher_sigma_dist: str = "fixed"
 
     def validate(self):
         _check(self.p_std > 0, "diffusion.p_std", f"must be > 0, got {self.p_std}")
         _check(0 <= self.label_dropout < 1, "diffusion.label_dropout", f"must be in [0, 1), got {self.label_dropout}")
         _check(self.teacher_sigma > 0, "diffusion.teacher_sigma", f"must be > 0, got {self.teacher_sigma}")
+        _check(self.teacher_sigma_dist in ("fixed", "student"), "diffusion.teacher_sigma_dist",
+               f"must be fixed or student, got {self.teacher_sigma_dist!r}")
 
 
 @dataclass
@@ -37,7 +41,11 @@ class DiscriminationConfig:
     teacher_temp_start: float = 0.09      # linear warm-up to teacher_temp_end, then constant
     teacher_temp_end: float = 0.099
     teacher_temp_warmup_steps: int = 30_000
-    centre_momentum: float = 0.9
+    # DINO (CLS) and iBOT (patch) keep their centres and loss weights apart; model.disc_weight scales both
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    cls_centre_momentum: float = 0.9
+    patch_centre_momentum: float = 0.9
 
     def validate(self):
         for name in ("student_temp", "teacher_temp_start", "teacher_temp_end"):
@@ -45,7 +53,11 @@ class DiscriminationConfig:
             _check(value > 0, f"disc.{name}", f"must be > 0, got {value}")
         _check(self.teacher_temp_warmup_steps >= 0, "disc.teacher_temp_warmup_steps",
                f"must be >= 0, got {self.teacher_temp_warmup_steps}")
-        _check(0 <= self.centre_momentum < 1, "disc.centre_momentum", f"must be in [0, 1), got {self.centre_momentum}")
+        for name in ("cls_weight", "patch_weight"):
+            _check(getattr(self, name) >= 0, f"disc.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("cls_centre_momentum", "patch_centre_momentum"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"disc.{name}", f"must be in [0, 1), got {value}")
 
 
 @dataclass

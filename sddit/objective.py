@@ -21,7 +21,8 @@ from sddit.schedules import ema_update
 @dataclass
 class LossOutput:
     loss: torch.Tensor                      # scalar to backpropagate
-    parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch
+    parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch,
+                                            # target_entropy_{cls,patch}, agreement_{cls,patch}
     teacher_cls: torch.Tensor | None = None    # detached teacher logits, for the centre update after the step
     teacher_patch: torch.Tensor | None = None
 
@@ -43,9 +44,9 @@ def patchify(x, patch_size: int):                           # [N, C, H, W] -> [N
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch_size) * (w // patch_size), -1)
 
 
-def mae_patch_loss(denoised, x0, masked, patch_size: int):
-    """MaskDiT's MAE term: per-patch-normalised clean target vs. prediction, mean over masked patches."""
-    target = patchify(x0, patch_size)
+def mae_patch_loss(denoised, target_image, masked, patch_size: int):
+    """MaskDiT's MAE term: per-patch-normalised target vs. prediction, mean over masked patches."""
+    target = patchify(target_image, patch_size)
     target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
     err = ((patchify(denoised, patch_size) - target) ** 2).mean(dim=-1)  # [N, L]
     return ((err * masked).sum(dim=1) / masked.sum(dim=1)).mean()
@@ -84,27 +85,31 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
         visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)
         patch_err = per_patch_mean(err, cfg.patch_size)
         loss_gen = ((patch_err * visible).sum(dim=1) / visible.sum(dim=1)).mean()
-        parts["loss_mae"] = mae_patch_loss(out.denoised, x0, 1.0 - visible, cfg.patch_size)
+        # as MaskDiT's loss.py: the target is the noisy input x itself, normalised per patch, not x0
+        parts["loss_mae"] = mae_patch_loss(out.denoised, x, 1.0 - visible, cfg.patch_size)
         loss = loss_gen + cfg.mae_weight * parts["loss_mae"]
     else:
         # DiT and SD-DiT: EDM loss over the full latent
         loss_gen = loss = err.mean()
     parts["loss_gen"] = loss_gen
 
-    # discrimination: teacher on x0 + teacher_sigma n (same n, no mask), gathered at the kept positions
+    # discrimination: teacher on x0 + teacher sigma n (same n, no mask), gathered at the kept positions
     teacher_cls = teacher_patch = None
     if net.teacher is not None:
         with torch.no_grad():
-            t_sigma = torch.full((n_batch, 1, 1, 1), diffusion.teacher_sigma, device=device)
+            if diffusion.teacher_sigma_dist == "student":
+                t_sigma = sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std, device=device, generator=generator)
+            else:
+                t_sigma = torch.full((n_batch, 1, 1, 1), diffusion.teacher_sigma, device=device)
             _, _, c_in, c_noise = edm_coefficients(t_sigma, cfg.sigma_data)
             t_logits = net.teacher(c_in * (x0 + t_sigma * n), c_noise.flatten(), labels)  # [N, 1 + L, K]
             teacher_cls, teacher_patch = t_logits[:, 0], t_logits[:, 1:]
             if ids_keep is not None:
                 teacher_patch = gather_tokens(teacher_patch, ids_keep)
-        loss_cls, loss_patch = net.disc(out.logits[:, 0], out.logits[:, 1:], teacher_cls, teacher_patch,
-                                        student_temp=disc.student_temp, teacher_temp=teacher_temp)
-        parts.update(loss_cls=loss_cls, loss_patch=loss_patch)
-        loss = loss + cfg.disc_weight * (loss_cls + loss_patch)
+        terms = net.disc(out.logits[:, 0], out.logits[:, 1:], teacher_cls, teacher_patch,
+                         student_temp=disc.student_temp, teacher_temp=teacher_temp)
+        parts.update(terms)
+        loss = loss + cfg.disc_weight * (disc.cls_weight * terms["loss_cls"] + disc.patch_weight * terms["loss_patch"])
 
     parts = {key: value.detach() for key, value in parts.items()}
     parts["loss"] = loss.detach()
@@ -112,8 +117,8 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
 
 
 @torch.no_grad()
-def after_step(model, generation_ema, out: LossOutput, *, teacher_momentum: float,
-               centre_momentum: float, generation_decay: float, applied: torch.Tensor | None = None) -> None:
+def after_step(model, generation_ema, out: LossOutput, *, teacher_momentum: float, cls_centre_momentum: float,
+               patch_centre_momentum: float, generation_decay: float, applied: torch.Tensor | None = None) -> None:
     """Teacher EMA, centre update, generation EMA. `applied` (0-d bool on the device) gates all
     three, so a skipped optimiser step changes nothing here either, without a host sync."""
     net = unwrap(model)
@@ -121,7 +126,7 @@ def after_step(model, generation_ema, out: LossOutput, *, teacher_momentum: floa
     if net.teacher is not None:
         ema_update(net.teacher.encoder, net.denoiser.net.encoder, teacher_momentum, gate)
         ema_update(net.teacher.head, net.head, teacher_momentum, gate)
-        net.disc.update_centres(out.teacher_cls, out.teacher_patch, centre_momentum, applied)
+        net.disc.update_centres(out.teacher_cls, out.teacher_patch, cls_centre_momentum, patch_centre_momentum, applied)
     if generation_ema is not None:
         ema_update(generation_ema, net.denoiser, generation_decay, gate)
 

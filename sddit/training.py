@@ -75,7 +75,8 @@ def train_step(model, optimizer, generation_ema, x0, labels, *, step: int, confi
     optimizer.found_inf = (~applied).to(torch.float32)
     optimizer.step()
     after_step(model, generation_ema, out, teacher_momentum=float(schedules.teacher_momentum[step]),
-               centre_momentum=config.disc.centre_momentum, generation_decay=schedules.generation_decay(step),
+               cls_centre_momentum=config.disc.cls_centre_momentum,
+               patch_centre_momentum=config.disc.patch_centre_momentum, generation_decay=schedules.generation_decay(step),
                applied=applied)
     return StepResult(applied, out.parts, grad_norm.detach())
 

@@ -37,7 +37,8 @@ def test_loss_parts_per_family():
     assert set(loss_of(tiny_config("DiT-S/2"), 0).parts) == {"loss", "loss_gen"}
     assert set(loss_of(tiny_config("MaskDiT-S/2"), 0).parts) == {"loss", "loss_gen", "loss_mae"}
     sd = loss_of(tiny_config("SD-DiT-S/2"), 0)
-    assert set(sd.parts) == {"loss", "loss_gen", "loss_cls", "loss_patch"}
+    diagnostics = {f"{name}_{kind}" for name in ("target_entropy", "agreement") for kind in ("cls", "patch")}
+    assert set(sd.parts) == {"loss", "loss_gen", "loss_cls", "loss_patch"} | diagnostics
     expected = sd.parts["loss_gen"] + sd.parts["loss_cls"] + sd.parts["loss_patch"]
     assert torch.allclose(sd.parts["loss"], expected)
     # without the discriminative loss SD-DiT has neither head nor teacher
@@ -57,7 +58,7 @@ def test_teacher_gets_no_gradient_and_changes_only_by_ema():
     # the optimiser step alone leaves the teacher untouched
     assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher_before.items())
     student_enc = copy.deepcopy(model.denoiser.net.encoder.state_dict())
-    after_step(model, None, out, teacher_momentum=0.9, centre_momentum=0.9, generation_decay=0.0)
+    after_step(model, None, out, teacher_momentum=0.9, cls_centre_momentum=0.9, patch_centre_momentum=0.9, generation_decay=0.0)
     for key, before in teacher_before.items():
         if key.startswith("encoder."):
             expected = 0.9 * before + 0.1 * student_enc[key[len("encoder."):]]
@@ -71,7 +72,7 @@ def test_centre_update_arithmetic():
     patch = torch.randn(4, 6, 64)
     model.disc.centre_cls.fill_(1.0)
     out = type("Out", (), {"teacher_cls": cls, "teacher_patch": patch})()
-    after_step(model, None, out, teacher_momentum=1.0, centre_momentum=0.9, generation_decay=1.0)
+    after_step(model, None, out, teacher_momentum=1.0, cls_centre_momentum=0.9, patch_centre_momentum=0.9, generation_decay=1.0)
     assert torch.allclose(model.disc.centre_cls, 0.9 + 0.1 * cls.mean(0))
     assert torch.allclose(model.disc.centre_patch, 0.1 * patch.reshape(-1, 64).mean(0))
     assert "disc.centre_cls" in model.state_dict()          # checkpoints carry the centres
@@ -174,3 +175,92 @@ def test_tiny_model_overfits_a_handful_of_latents(name):
     for step in range(config.train.steps):
         train_step(model, optimizer, ema, x0, y, step=step, config=config, schedules=schedules)
     assert probe_loss() < 0.25 * start
+
+
+def test_cls_and_patch_weights_scale_their_terms():
+    config = tiny_config("SD-DiT-S/2", disc_weight=0.5)
+    config.disc.cls_weight, config.disc.patch_weight = 2.0, 0.25
+    out = loss_of(config, 0)
+    expected = out.parts["loss_gen"] + 0.5 * (2.0 * out.parts["loss_cls"] + 0.25 * out.parts["loss_patch"])
+    assert torch.allclose(out.parts["loss"], expected)
+
+
+def test_separate_centre_momenta():
+    config = tiny_config()
+    model = build_from_config(config.model)
+    cls, patch = torch.randn(4, 64), torch.randn(4, 6, 64)
+    out = type("Out", (), {"teacher_cls": cls, "teacher_patch": patch})()
+    after_step(model, None, out, teacher_momentum=1.0, cls_centre_momentum=0.5, patch_centre_momentum=0.8,
+               generation_decay=1.0)
+    assert torch.allclose(model.disc.centre_cls, 0.5 * cls.mean(0))
+    assert torch.allclose(model.disc.centre_patch, 0.2 * patch.reshape(-1, 64).mean(0))
+
+
+def test_target_entropy_is_ln_k_for_uniform_targets_and_agreement_counts_argmax():
+    from sddit.discrimination import distillation_terms
+    k = 16
+    teacher = torch.zeros(5, k)                     # all logits equal: uniform targets
+    student = torch.randn(5, k)
+    _, entropy, _ = distillation_terms(student, teacher, torch.zeros(k), 0.1, 0.05)
+    assert torch.allclose(entropy, torch.log(torch.tensor(float(k))))
+    sharp = torch.eye(k)[:5] * 100                  # one-hot teachers on prototypes 0..4
+    matched = sharp.clone()
+    matched[4] = torch.eye(k)[9] * 100              # the student disagrees on the last token
+    _, entropy, agreement = distillation_terms(matched, sharp, torch.zeros(k), 0.1, 0.05)
+    assert entropy < 1e-3 and torch.isclose(agreement, torch.tensor(0.8))
+
+
+def test_teacher_sigma_drawn_from_the_student_distribution(monkeypatch):
+    """With teacher_sigma_dist=student the teacher's c_noise varies per sample around EDM's mode."""
+    import sddit.objective as objective
+    config = tiny_config()
+    model = build_from_config(config.model)
+    seen = []
+    forward = model.teacher.forward
+    monkeypatch.setattr(model.teacher, "forward", lambda x, t, y: seen.append(t.clone()) or forward(x, t, y))
+    x0, y = torch.randn(64, 2, 8, 8), torch.randint(0, 5, (64,))
+    objective.training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09)
+    config.diffusion.teacher_sigma_dist = "student"
+    objective.training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09)
+    fixed, drawn = seen
+    assert torch.allclose(fixed, torch.full_like(fixed, float(torch.log(torch.tensor(0.002)) / 4)))
+    log_sigma = 4 * drawn                            # c_noise = ln(sigma) / 4
+    assert abs(float(log_sigma.mean()) - config.diffusion.p_mean) < 0.5
+    assert abs(float(log_sigma.std()) - config.diffusion.p_std) < 0.4
+
+
+def test_maskdit_mae_target_is_the_noisy_input(monkeypatch):
+    """As in MaskDiT's loss.py: the MAE term compares D(x) with the per-patch-normalised noisy input x."""
+    import sddit.objective as objective
+    captured = {}
+    original = objective.mae_patch_loss
+    monkeypatch.setattr(objective, "mae_patch_loss",
+                        lambda denoised, target, masked, p: captured.update(target=target) or original(denoised, target, masked, p))
+    config = tiny_config("MaskDiT-S/2")
+    config.diffusion.label_dropout = 0.0
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    x0, y = batch()
+    generator = torch.Generator().manual_seed(3)
+    objective.training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                            generator=generator)
+    replay = torch.Generator().manual_seed(3)       # the loss draws sigma first, then n
+    sigma = objective.sample_sigma(8, config.diffusion.p_mean, config.diffusion.p_std, generator=replay)
+    noisy = x0 + sigma * torch.randn(x0.shape, generator=replay)
+    assert torch.equal(captured["target"], noisy)
+
+
+def test_maskdit_mask_token_has_the_decoder_width():
+    model = build_from_config(tiny_config("MaskDiT-S/2").model)
+    decoder = model.denoiser.net.decoder
+    assert decoder.mask_token.shape[-1] == tiny_config("MaskDiT-S/2").model.decoder_hidden_size
+    x, sigma = torch.randn(2, 2, 8, 8), torch.full((2, 1, 1, 1), 1.0)
+    keep = torch.tensor([[0, 1], [2, 3]])
+    with torch.no_grad():
+        for parameter in model.parameters():        # leave DiT's zero-initialised output layer
+            parameter.normal_(0.0, 0.1)
+        decoder.mask_token.fill_(0.0)
+        a = model.denoiser.denoise(x, sigma, torch.tensor([0, 1]), keep)[0]
+        decoder.mask_token.fill_(3.0)
+        b = model.denoiser.denoise(x, sigma, torch.tensor([0, 1]), keep)[0]
+    assert not torch.allclose(a, b)                  # the invisible positions are the mask token's

@@ -175,30 +175,36 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Puts the invisible tokens back, then (optionally) a light DiT, then the final layer.
 
-    Invisible positions are filled with the encoder's embedded *noisy* patches (SD-DiT), or with
-    a learned mask token (MaskDiT). With `depth=0` this is DiT's final layer alone.
+    SD-DiT fills the invisible positions with the encoder's embedded *noisy* patches, then bridges
+    every token to the decoder's width. MaskDiT, as its reference code does, bridges the visible
+    tokens and fills the invisible ones with a learned mask token of the decoder's width. With
+    `depth=0` this is DiT's final layer alone.
     """
 
     def __init__(self, *, num_patches, patch_size, out_channels, encoder_size, depth, hidden_size,
                  num_heads, mlp_ratio, mask_token):
         super().__init__()
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_size)) if mask_token else None
         final_size = encoder_size
         self.bridge = self.pos_embed = None
         if depth > 0:
             self.bridge = ModulatedLinear(encoder_size, encoder_size, hidden_size)
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
             final_size = hidden_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, final_size)) if mask_token else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, encoder_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = ModulatedLinear(final_size, encoder_size, patch_size * patch_size * out_channels)
 
     def forward(self, h, c, patches, ids_keep=None):
         """h: encoder patch tokens [N, K, D] (no CLS) -> per-patch predictions [N, L, p*p*C]."""
-        if ids_keep is not None:
-            fill = patches if self.mask_token is None else self.mask_token.to(h.dtype).expand_as(patches)
-            h = scatter_tokens(fill.to(h.dtype), h, ids_keep)  # [N, L, D]
+        if ids_keep is not None and self.mask_token is None:
+            h = scatter_tokens(patches.to(h.dtype), h, ids_keep)          # [N, L, D]
         if self.bridge is not None:
-            h = self.bridge(h, c) + self.pos_embed
+            h = self.bridge(h, c)                                         # [N, L or K, D_dec]
+        if ids_keep is not None and self.mask_token is not None:
+            fill = self.mask_token.to(h.dtype).expand(h.shape[0], patches.shape[1], -1)
+            h = scatter_tokens(fill, h, ids_keep)                         # [N, L, D_dec]
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
         for block in self.blocks:
             h = block(h, c)
         return self.final_layer(h, c)
