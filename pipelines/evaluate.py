@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--extractor", default="inception", choices=["inception", "domain"],
                         help="inception: the FID Inception-v3 (needs --inception-weights); domain: a small classifier "
                              "trained on the checkpoint's dataset, for data where ImageNet features mean nothing, "
-                             "e.g. the demo digits (cached next to the shards; no sFID) (default inception)")
+                             "e.g. the demo digits (cached next to the shards) (default inception)")
     parser.add_argument("--inception-weights", default=None,
                         help=f"path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV}); "
                              f"its checksum is verified, nothing is ever downloaded")

@@ -112,18 +112,22 @@ class RayHooks:
             self.client.log_image(self.run_id, grid_image(codec.decode(latents.cpu()), nrow=8), key="samples", step=step)
 
     def evaluate(self, step, ema):
-        """The sweep's proxy metric at every log step (a Tune scheduler needs it in every result): FID and
-        friends of a few generated samples against the dataset."""
+        """The sweep's proxy metric at every log step (a Tune scheduler needs it in every result), and a
+        study's evaluation points: FID and friends of generated samples (CFG 1) against the dataset, or
+        against the held-out dataset in proxy["reference"]."""
         if not self.proxy:
             return {}
         from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
         device = next(ema.parameters()).device
         if self._judge is None:
+            # the judge and its reference statistics: the training dataset's, or a held-out dataset's
             codec = self._codec()
-            extractor = make_extractor(self.proxy["extractor"], dataset_dir=self.dataset["dir"], codec=codec,
+            judge_dir = self.proxy.get("reference") or self.dataset["dir"]
+            judge_codec = codec if judge_dir == self.dataset["dir"] else None   # None: the held-out set's own
+            extractor = make_extractor(self.proxy["extractor"], dataset_dir=judge_dir, codec=judge_codec,
                                        inception_weights=os.environ.get("SDDIT_INCEPTION_WEIGHTS"), device=device)
-            self._judge = (codec, extractor, load_reference(None, extractor, dataset_dir=self.dataset["dir"],
-                                                            codec=codec, device=device))
+            self._judge = (codec, extractor, load_reference(None, extractor, dataset_dir=judge_dir,
+                                                            codec=judge_codec, device=device))
         codec, extractor, reference = self._judge
         n = self.proxy["num_samples"]
         plan = SamplingPlan(num_samples=n, batch_size=n, num_classes=self.dataset["num_classes"],

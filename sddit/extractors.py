@@ -36,7 +36,7 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"       # torch.hub convention: the hex in 
 WEIGHTS_ENV = "SDDIT_INCEPTION_WEIGHTS"
 INCEPTION_SIZE = 299
 DOMAIN_CACHE_FILE = "domain_classifier.pt"
-DOMAIN_CACHE_FORMAT = 1
+DOMAIN_CACHE_FORMAT = 2          # 2: the network is split in low / high stages for sFID features
 
 
 class ExtractorError(RuntimeError):
@@ -269,7 +269,12 @@ def _extract_in_batches(extract_batch, images, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class DomainNet(nn.Module):
-    """Three conv stages and a 128-d penultimate layer: enough for digits-sized data, trained in seconds."""
+    """Three conv stages and a 128-d penultimate layer: enough for digits-sized data, trained in seconds.
+
+    Its sFID features play the role of Inception's mixed_6/conv: the first SFID_CHANNELS channels of the
+    second stage's output (half the input side), flattened in (h, w, c) order as ADM does."""
+
+    SFID_CHANNELS = 4
 
     def __init__(self, in_channels: int, num_classes: int, input_size: int, width: int = 16, features: int = 128):
         super().__init__()
@@ -280,8 +285,8 @@ class DomainNet(nn.Module):
         def stage(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU()]
 
-        self.body = nn.Sequential(*stage(in_channels, width), nn.MaxPool2d(2), *stage(width, 2 * width),
-                                  nn.MaxPool2d(2), *stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
+        self.low = nn.Sequential(*stage(in_channels, width), nn.MaxPool2d(2), *stage(width, 2 * width))
+        self.high = nn.Sequential(nn.MaxPool2d(2), *stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Linear(4 * width, features), nn.ReLU())
         self.classifier = nn.Linear(features, num_classes)
 
@@ -290,12 +295,14 @@ class DomainNet(nn.Module):
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=True)
-        features = self.body(x)
-        return features, self.classifier(features)
+        low = self.low(x)                                  # [N, 2 width, side / 2, side / 2]
+        features = self.high(low)
+        spatial = low[:, :self.SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        return features, self.classifier(features), spatial
 
 
 class DomainExtractor:
-    """Penultimate features, logits and the predicted class of a `DomainNet`; no sFID layer."""
+    """Penultimate features, logits, the predicted class and sFID features of a `DomainNet`."""
 
     name = "domain"
 
@@ -336,7 +343,7 @@ class DomainExtractor:
         with _one_cpu_thread(device):
             for _ in range(steps):
                 idx = train_idx[torch.randint(len(train_idx), (batch,), generator=generator)]
-                _, logits = net(x[idx].to(device))
+                logits = net(x[idx].to(device))[1]
                 loss = F.cross_entropy(logits, y[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -390,8 +397,9 @@ class DomainExtractor:
         if x.shape[-1] != expected:
             raise ValueError(f"the domain classifier was trained on {expected}-channel images, got {x.shape[-1]}")
         with _one_cpu_thread(self.device):
-            features, logits = self.net(x.permute(0, 3, 1, 2).to(self.device))
-        return {"pool": features.cpu().numpy(), "logits": logits.cpu().numpy(), "spatial": None,
+            features, logits, spatial = self.net(x.permute(0, 3, 1, 2).to(self.device))
+        return {"pool": features.cpu().numpy(), "logits": logits.cpu().numpy(),
+                "spatial": spatial.double().cpu().numpy(),
                 "predicted": logits.argmax(1).cpu().numpy()}
 
     def extract(self, images) -> dict:

@@ -149,7 +149,8 @@ def test_random_inception_through_the_whole_stage(domain_run, checkpoint, mlflow
 
 def test_domain_evaluation_end_to_end(domain_run, pixel_dataset, mlflow_dir):
     out, metrics = domain_run
-    assert set(metrics) == {"fid_domain", "is_domain", "precision_domain", "recall_domain", "class_agreement_domain"}
+    assert set(metrics) == {"fid_domain", "sfid_domain", "is_domain", "precision_domain", "recall_domain",
+                            "class_agreement_domain"}
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 <= metrics["class_agreement_domain"] <= 1 and metrics["is_domain"] >= 1
     assert json.loads((out / "metrics.json").read_text()) == metrics

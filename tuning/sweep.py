@@ -109,7 +109,11 @@ def make_searcher(search: str, metric: str, seed: int, max_concurrent: int = 0):
 # ---------------------------------------------------------------------------------------------
 
 def run_trial(trial: dict, context: dict) -> None:
-    """Tune function trainable: fit a TorchTrainer on this trial's config; metrics reach Tune via the callback."""
+    """Tune function trainable: fit a TorchTrainer on this trial's config; metrics reach Tune via the callback.
+
+    A sweep's trial holds searched values of config fields; a study's trial (pipelines/study.py) names one
+    of the fixed runs in context["runs"] (an arm x seed: its overrides and a name that stays the same
+    across reruns, so an interrupted run continues from its checkpoint)."""
     import mlflow
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -117,14 +121,17 @@ def run_trial(trial: dict, context: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.train import find_or_start_mlflow_run, train_worker
-    params = {key: trial[key] for key in context["space_keys"]}
-    config = apply_overrides(config_from_dict(context["base_config"]),
-                             [f"{key}={value}" for key, value in params.items()])
-    name = f"{context['sweep_name']}-{tune.get_context().get_trial_id()}"
+    if "runs" in context:
+        run_spec = context["runs"][trial["run"]]
+        overrides, name, tagged = run_spec["overrides"], run_spec["name"], run_spec["params"]
+    else:
+        tagged = {f"searched.{key}": trial[key] for key in context["space_keys"]}
+        overrides = [f"{key[len('searched.'):]}={value}" for key, value in tagged.items()]
+        name = f"{context['sweep_name']}-{tune.get_context().get_trial_id()}"
+    config = apply_overrides(config_from_dict(context["base_config"]), overrides)
     mlflow.set_tracking_uri(context["mlflow_uri"])
     mlflow.set_experiment(context["experiment"])
-    with find_or_start_mlflow_run(name, {**config.flat(), **{f"searched.{k}": v for k, v in params.items()}},
-                                  parent_run_id=context["sweep_run_id"]) as run:
+    with find_or_start_mlflow_run(name, {**config.flat(), **tagged}, parent_run_id=context["sweep_run_id"]) as run:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": config.to_dict(), "data": context["data"], "init_from": None,
@@ -140,6 +147,40 @@ def run_trial(trial: dict, context: dict) -> None:
         trainer.fit()
 
 
+def trial_trainable(context: dict):
+    """The trial function with its shared context. It only drives its TorchTrainer: no CPU of its own (its
+    workers hold them), just a token of memory, since Tune refuses an empty resource request. The context
+    goes in through with_parameters, so Tune's progress tables show only the trial's own values."""
+    from ray import tune
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, "memory": 64 * 2**20})
+
+
+def trial_resources(ray, workers_per_trial: int, gpus_per_trial: float, max_concurrent: int | None):
+    """(concurrent trials, CPUs per worker, GPUs per worker): as many trials at once as the cluster holds
+    (a worker needs at least one CPU), so a small machine never deadlocks; the CPUs are then shared evenly
+    among the running workers."""
+    from pipelines.common import cpus_per_worker as fitting_cpus
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    fits = cpus // workers_per_trial
+    if gpus_per_trial:
+        fits = min(fits, int(gpus // gpus_per_trial))
+    if fits < 1:
+        raise ConfigError("workers_per_trial", f"a trial needs {workers_per_trial} CPUs and {gpus_per_trial} "
+                                               f"GPUs; the cluster has {cpus} CPUs and {gpus} GPUs")
+    concurrent = min(max_concurrent or fits, fits)
+    gpus_per_worker = gpus_per_trial / workers_per_trial if gpus_per_trial else 0
+    return concurrent, fitting_cpus(ray, concurrent * workers_per_trial), gpus_per_worker
+
+
+def prepare_judge(extractor: str, judge_dir) -> None:
+    """The domain judge is trained on first use and cached with its shards, and so are its reference
+    statistics: make both once here, not in each of the first trials at the same time."""
+    if extractor == "domain":
+        from sddit.evaluation import load_reference, make_extractor
+        load_reference(None, make_extractor("domain", dataset_dir=judge_dir), dataset_dir=judge_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +190,7 @@ def sweep(args) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray
+    from pipelines.common import init_ray
     from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
 
     # everything that can be wrong is checked before Ray starts
@@ -164,26 +205,10 @@ def sweep(args) -> dict:
     name = args.name or f"sweep-{Path(args.preset).stem}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
 
-    if extractor == "domain":
-        # the proxy's judge is trained on first use and cached with the shards: train it once here,
-        # not in each of the first trials at the same time
-        from sddit.evaluation import make_extractor
-        make_extractor("domain", dataset_dir=args.data)
-
+    prepare_judge(extractor, args.data)
     ray = init_ray(args.address)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    gpus_per_worker = args.gpus_per_trial / args.workers_per_trial if args.gpus_per_trial else 0
-    # concurrent trials that the cluster can hold at once (a worker needs at least one CPU), so a
-    # small machine never deadlocks; the CPUs are then shared evenly among the running workers
-    fits = cpus // args.workers_per_trial
-    if args.gpus_per_trial:
-        fits = min(fits, gpus // args.gpus_per_trial)
-    if fits < 1:
-        raise ConfigError("workers_per_trial", f"a trial needs {args.workers_per_trial} CPUs and {args.gpus_per_trial} "
-                                               f"GPUs; the cluster has {cpus} CPUs and {gpus} GPUs")
-    max_concurrent = min(args.max_concurrent or fits, fits)
-    cpus_per_worker = fitting_cpus(ray, max_concurrent * args.workers_per_trial)
+    max_concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
+        ray, args.workers_per_trial, args.gpus_per_trial, args.max_concurrent)
 
     uri = tracking_uri(args.run_dir)
     mlflow.set_tracking_uri(uri)
@@ -211,11 +236,7 @@ def sweep(args) -> dict:
             "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
                       "extractor": extractor},
         }
-        # the trial function only drives its TorchTrainer: no CPU of its own (its workers hold them), just
-        # a token of memory, since Tune refuses an empty resource request. The shared context goes in
-        # through with_parameters, so Tune's progress tables show only the swept values.
-        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                        {"CPU": 0, "memory": 64 * 2**20})
+        trainable = trial_trainable(context)
         path = storage / name
         if args.resume and tune.Tuner.can_restore(str(path)):
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False,

@@ -1,0 +1,481 @@
+"""The paper's comparisons as one command: arms x seeds at equal images seen, FID along the way, a verdict.
+
+    python pipelines/study.py --study paper-fig3 --data runs/data/fmnist-pixel16/train \\
+        --reference runs/data/fmnist-pixel16/test --seeds 3 --images-per-arm 48000 --eval-points 4 \\
+        --eval-samples 500 --out runs/studies/fig3
+
+A study is a list of arms that differ only in the fields the paper varies; every arm trains the same
+base config (--preset, --set) for the same number of images, once per seed. Each arm x seed is a
+Ray Train run inside one Ray Tune grid (no early stopping, trials side by side as resources allow),
+built on the sweep's trial machinery (tuning/sweep.py). At --eval-points evenly spaced points each
+run samples its generation EMA without guidance (CFG 1, as the paper's tables) and is scored with
+the domain extractor (pixel datasets) or Inception: FID, sFID, IS, precision, recall, class
+agreement, beside the training losses and the discriminative diagnostics (target entropy, agreement).
+
+Output in --out and in one MLflow parent run with a child per trial: results.csv (a row per arm,
+seed and evaluation point), summary.md (mean and standard deviation over seeds, and which
+differences exceed the seed spread), fid_vs_images.png and fid_vs_wallclock.png. Rerunning the
+same command continues: finished runs are not repeated, an interrupted one resumes from its last
+checkpoint, a failed one is listed with its error (and retried on the next rerun) while the others
+finish.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
+from sddit.data import DataError, Manifest  # noqa: E402
+from sddit.errors import ConfigError  # noqa: E402
+from sddit.models.registry import parse_name  # noqa: E402
+from sddit.training import fit_to_dataset  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Arms and studies
+# ---------------------------------------------------------------------------------------------
+
+# What makes a family, set explicitly, so an arm means the same whatever the base preset's family.
+# Backbone, decoder size, head, optimiser and schedules come from the base config and are shared.
+_FAMILY = {
+    "DiT": ["model.mask_ratio=0", "model.mask_token=false", "model.mae_weight=0", "model.decoder_depth=0",
+            "model.cls_token=false", "model.disc_weight=0"],
+    "MaskDiT": ["model.mask_ratio=0.5", "model.mask_token=true", "model.mae_weight=0.1", "model.cls_token=false",
+                "model.disc_weight=0"],
+    "SD-DiT": ["model.mask_ratio=0.2", "model.mask_token=false", "model.mae_weight=0", "model.cls_token=true",
+               "model.disc_weight=1.0"],
+}
+ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on top of the family's)
+    "DiT": ("DiT", []),
+    "MaskDiT": ("MaskDiT", []),
+    "SD-DiT": ("SD-DiT", []),
+    "SD-DiT-no-disc": ("SD-DiT", ["model.disc_weight=0", "model.cls_token=false"]),
+    "SD-DiT-no-mask": ("SD-DiT", ["model.mask_ratio=0"]),
+    **{f"SD-DiT-mask{r}": ("SD-DiT", [f"model.mask_ratio={r}"]) for r in ("0.1", "0.3", "0.5")},
+    **{f"SD-DiT-tsigma{s}": ("SD-DiT", [f"diffusion.teacher_sigma={s}"]) for s in ("0.05", "0.3", "1.0")},
+    "SD-DiT-tsigma-student": ("SD-DiT", ["diffusion.teacher_sigma_dist=student"]),
+    # DINO / iBOT's usual temperatures against the paper's (student 0.1, teacher 0.09 -> 0.099)
+    "SD-DiT-dino-temps": ("SD-DiT", ["disc.teacher_temp_start=0.04", "disc.teacher_temp_end=0.07"]),
+}
+STUDIES = {
+    "paper-fig3": ["DiT", "MaskDiT", "SD-DiT"],
+    "paper-tab3": ["SD-DiT", "SD-DiT-no-disc", "SD-DiT-no-mask"],
+    "paper-fig5": ["SD-DiT-no-mask", "SD-DiT-mask0.1", "SD-DiT", "SD-DiT-mask0.3", "SD-DiT-mask0.5"],
+    "paper-fig6": ["SD-DiT", "SD-DiT-tsigma0.05", "SD-DiT-tsigma0.3", "SD-DiT-tsigma1.0", "SD-DiT-tsigma-student"],
+    "temperatures": ["SD-DiT", "SD-DiT-dino-temps"],
+}
+# the paper's figures for each study (ImageNet-256, S/2 at 400k steps unless noted), quoted in summary.md
+PAPER = {
+    "paper-fig3": "DiT-S/2 FID 68.40 at 5.03 steps/s, MDT-S/2 53.46, SD-DiT-S/2 48.39 at 9.2 steps/s (8 A100, batch 256)",
+    "paper-tab3": "SD-DiT 53.72, w/o discriminative loss 62.84, w/o mask 58.92",
+    "paper-fig5": "best FID at mask ratio 0.2",
+    "paper-fig6": "FID 53.7 at teacher sigma 0.002, 66.2 near the student distribution's mode, 63.4 drawn from it",
+    "temperatures": "the paper uses student 0.1, teacher 0.09 -> 0.099 (Tab. 4); DINO/iBOT use teacher 0.04 -> 0.07",
+}
+METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
+LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "target_entropy_cls", "target_entropy_patch",
+          "agreement_cls", "agreement_patch")
+
+
+def arm_overrides(arm: str, base_name: str, custom: dict | None = None) -> list[str]:
+    """The overrides that turn the base config into `arm` (its model named after the family, size kept)."""
+    custom = custom or {}
+    if arm in custom:
+        family, extra = custom[arm]
+    elif arm in ARMS:
+        family, extra = ARMS[arm]
+    else:
+        raise ConfigError("arms", f"unknown arm {arm!r}; built-in arms: {', '.join(ARMS)}"
+                                  + (f"; from --arms-file: {', '.join(custom)}" if custom else ""))
+    _, size, patch = parse_name(base_name)
+    return [f"model.name={family}-{size}/{patch}", *_FAMILY[family], *extra]
+
+
+def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
+    """{NAME: {family: DiT|MaskDiT|SD-DiT, set: [SECTION.FIELD=VALUE, ...]}}: a user's own arms."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("arms_file", f"no such file: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    arms = {}
+    for name, spec in data.items():
+        if not isinstance(spec, dict) or spec.get("family") not in _FAMILY:
+            raise ConfigError(f"arms_file.{name}", f"{path}: needs family: {' | '.join(_FAMILY)}")
+        arms[str(name)] = (spec["family"], [str(item) for item in spec.get("set") or []])
+    return arms
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and plan
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=None, choices=sorted(STUDIES),
+                        help="a built-in study: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in STUDIES.items()))
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arms instead of (or to name) a study's; built-in arms: " + ", ".join(ARMS))
+    parser.add_argument("--arms-file", default=None,
+                        help="YAML of your own arms: {NAME: {family: DiT|MaskDiT|SD-DiT, set: [SECTION.FIELD=VALUE]}}")
+    parser.add_argument("--name", default=None, help="study name (default: --study, else 'custom'); a rerun needs the same")
+    parser.add_argument("--data", required=True, help="training dataset written by pipelines/encode.py")
+    parser.add_argument("--reference", default=None,
+                        help="held-out dataset (written by pipelines/encode.py at the same resolution) that the FID "
+                             "judge is trained on and the reference statistics come from (default: --data itself)")
+    parser.add_argument("--preset", default=None,
+                        help=f"base config every arm shares: backbone, batch, lr ({', '.join(preset_names())} or a "
+                             f"YAML path; default fashion-mnist for pixel datasets, imagenet256-S2 for SD-VAE latents)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="overrides of the base config, applied to every arm (before the arm's own)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm, 0..N-1 (train.seed; default 3)")
+    parser.add_argument("--images-per-arm", type=int, default=48_000,
+                        help="training images per run (rounded up to whole evaluation intervals; default 48000)")
+    parser.add_argument("--eval-points", type=int, default=4, help="evenly spaced evaluation points per run (default 4)")
+    parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluation (default 500)")
+    parser.add_argument("--eval-heun-steps", type=int, default=12,
+                        help="EDM Heun steps per evaluation sample (default 12; 2 * steps - 1 network evaluations)")
+    parser.add_argument("--out", required=True, help="output folder: results.csv, summary.md, plots, trials/")
+    parser.add_argument("--run-dir", default="runs", help="root of the MLflow store and default storage (default runs/)")
+    parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
+    parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per run (default: CPU)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster fits)")
+    args = parser.parse_args(argv)
+    for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.eval_samples < 2:
+        parser.error("--eval-samples must be >= 2 (FID needs a covariance)")
+    if not args.study and not args.arms:
+        parser.error("give --study NAME or --arms A,B,...")
+    args.name = args.name or args.study or "custom"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        parser.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
+    return args
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text)
+
+
+def plan_study(args) -> dict:
+    """Everything about the study, checked before Ray starts: the arms' configs, the schedule, the runs."""
+    manifest = Manifest.read(args.data)
+    custom = load_arms_file(args.arms_file) if args.arms_file else {}
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else STUDIES[args.study]
+    if len(set(arms)) != len(arms):
+        raise ConfigError("arms", f"an arm is listed twice: {arms}")
+    codec = manifest.settings.codec
+    preset_name = args.preset or ("fashion-mnist" if codec == "pixel" else "imagenet256-S2")
+    preset = apply_overrides(load_preset(preset_name), [f"data.codec={codec}",
+                                                        f"data.resolution={manifest.settings.resolution}"])
+    base = fit_to_dataset(apply_overrides(preset, list(args.overrides)), manifest, args.data)
+    # equal images seen: whole evaluation intervals of whole batches
+    batch = base.optim.batch_size
+    every = max(math.ceil(args.images_per_arm / batch / args.eval_points), 1)
+    steps = every * args.eval_points
+    schedule = [f"train.steps={steps}", f"train.log_every={every}", f"train.checkpoint_every={every}",
+                f"train.sample_every={steps}"]
+    base = apply_overrides(base, schedule)
+    if args.reference:
+        held_out = Manifest.read(args.reference)
+        if held_out.latent_shape != manifest.latent_shape or held_out.settings.codec != codec:
+            raise DataError(f"{Path(args.reference) / 'manifest.json'}: codec {held_out.settings.codec} and shape "
+                            f"{held_out.latent_shape} differ from the training data's {codec} {manifest.latent_shape}")
+    runs = {}
+    for arm in arms:
+        overrides = arm_overrides(arm, base.model.name, custom)
+        apply_overrides(base, overrides)          # an arm that cannot be built fails here, naming the field
+        for seed in range(args.seeds):
+            label = f"{arm}@seed{seed}"
+            runs[label] = {"arm": arm, "seed": seed, "overrides": overrides + [f"train.seed={seed}"],
+                           "name": f"study-{args.name}-{slug(arm)}-seed{seed}",
+                           "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed}}
+    extractor = "domain" if codec == "pixel" else "inception"
+    return {"name": args.name, "arms": arms, "base": base, "preset": preset_name, "steps": steps, "every": every,
+            "images": steps * batch, "extractor": extractor, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the grid
+# ---------------------------------------------------------------------------------------------
+
+def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) -> dict[str, dict]:
+    """The runs in `todo` as one Tune grid of Ray Train runs; -> {label: outcome} of each."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipelines.common import init_ray
+    from pipelines.tracking import EXPERIMENT
+    from tuning.sweep import prepare_judge, root_cause, trial_resources, trial_trainable
+
+    storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
+    judge_dir = str(Path(args.reference or args.data).resolve())
+    prepare_judge(plan["extractor"], judge_dir)
+    ray = init_ray(args.address)
+    concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
+        ray, 1, 1 if args.use_gpu else 0, args.max_concurrent)
+    context = {
+        "base_config": plan["base"].to_dict(), "data": str(Path(args.data).resolve()),
+        "runs": {label: plan["runs"][label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
+        "experiment": EXPERIMENT, "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
+        "gpus_per_worker": gpus_per_worker,
+        "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
+                  "extractor": plan["extractor"], "reference": judge_dir},
+    }
+    print(f"study {plan['name']}: {len(todo)} runs of {plan['steps']} steps ({plan['images']} images), "
+          f"{concurrent} at a time with {cpus_per_worker} CPU(s) each", flush=True)
+    tuner = tune.Tuner(
+        trial_trainable(context),
+        param_space={"run": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
+        # a new Tune experiment per invocation; the Train runs inside keep their names and so their checkpoints
+        run_config=tune.RunConfig(name=f"study-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+    outcomes = {}
+    for result in tuner.fit():
+        label = (result.config or {}).get("run")
+        if label is None:
+            continue
+        step = int((result.metrics or {}).get("step") or 0)
+        if result.error:
+            outcomes[label] = {"status": "error", "error": root_cause(result.error), "last_step": step}
+        else:
+            outcomes[label] = {"status": "completed" if step >= plan["steps"] else "incomplete", "last_step": step}
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: CSV, summary, plots
+# ---------------------------------------------------------------------------------------------
+
+def collect_rows(client, run_id: str, run: dict, plan: dict) -> list[dict]:
+    """A row per evaluation point of one run, from its MLflow metric history (complete across restarts)."""
+    suffix = plan["extractor"]
+    keys = {f"proxy_{m}_{suffix}": m for m in METRICS} | {k: k for k in LOSSES} | {"images_per_s": "images_per_s"}
+    history = {name: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key, name in keys.items()}
+    batch = plan["base"].optim.batch_size
+    rows, train_seconds = [], 0.0
+    for step in sorted(history["fid"]):
+        # the loop's img/s excludes evaluation time, so this is the training wall clock
+        train_seconds += plan["every"] * batch / max(history["images_per_s"].get(step, float("nan")), 1e-9)
+        row = {"study": plan["name"], "arm": run["arm"], "seed": run["seed"], "step": step,
+               "images_seen": step * batch, "train_seconds": round(train_seconds, 2)}
+        row.update({name: values.get(step, "") for name, values in history.items()})
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns = ["study", "arm", "seed", "step", "images_seen", "train_seconds", *METRICS, *LOSSES, "images_per_s"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def aggregate(rows: list[dict], arms: list[str]) -> dict:
+    """{arm: {images_seen: {column: (mean, std, n)}}} over seeds."""
+    out = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        out[arm] = {}
+        for images in sorted({r["images_seen"] for r in mine}):
+            at = [r for r in mine if r["images_seen"] == images]
+            stats = {}
+            for column in ("train_seconds", *METRICS, *LOSSES, "images_per_s"):
+                values = np.array([float(r[column]) for r in at if r[column] != ""], dtype=float)
+                if len(values):
+                    stats[column] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                                     len(values))
+            out[arm][images] = stats
+    return out
+
+
+def exceeds_spread(a: tuple, b: tuple) -> bool:
+    """Whether two arms' means differ by more than twice the standard error of the difference over seeds."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if na < 2 or nb < 2:
+        return False
+    return abs(ma - mb) > 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+
+
+def fmt(stat: tuple | None, digits: int = 2) -> str:
+    return "n/a" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+
+
+def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> None:
+    arms, suffix = plan["arms"], plan["extractor"]
+    lines = [f"# Study `{plan['name']}`", "",
+             f"Arms: {', '.join(arms)}; seeds 0..{args.seeds - 1}; {plan['images']} images per run "
+             f"({plan['steps']} steps at batch {plan['base'].optim.batch_size}); evaluated every {plan['every']} "
+             f"steps on {args.eval_samples} samples, {args.eval_heun_steps} Heun steps, CFG 1, {suffix} extractor "
+             f"(judge and reference: {args.reference or args.data}). Base preset `{plan['preset']}`"
+             + (f" with {' '.join(args.overrides)}" if args.overrides else "") + f"; data {args.data} at "
+             f"{plan['base'].data.resolution} px, {plan['base'].model.input_size ** 2 // plan['base'].model.patch_size ** 2}"
+             f" tokens. Values are mean ± standard deviation over seeds.", ""]
+    if plan["name"] in PAPER:
+        lines += [f"Paper: {PAPER[plan['name']]}.", ""]
+    failed = {label: o for label, o in outcomes.items() if o["status"] != "completed"}
+    if failed:
+        lines += ["## Runs that did not finish", ""]
+        lines += [f"- `{label}`: {o['status']} at step {o['last_step']}" + (f": {o['error']}" if o.get("error") else "")
+                  for label, o in sorted(failed.items())]
+        lines += [""]
+    lines += [f"## FID ({suffix}) vs images seen", "", "| images | " + " | ".join(arms) + " |",
+              "| --- |" + " --- |" * len(arms)]
+    points = sorted({images for arm in arms for images in agg[arm]})
+    for images in points:
+        lines.append(f"| {images} | " + " | ".join(fmt(agg[arm].get(images, {}).get("fid")) for arm in arms) + " |")
+    final = {arm: agg[arm][max(agg[arm])] for arm in arms if agg[arm]}
+    lines += ["", f"## At the last point ({max(points) if points else 0} images)", "",
+              "| arm | seeds | FID | sFID | precision | recall | class agreement | loss_gen | loss_cls (ln K = "
+              f"{math.log(plan['base'].model.head_out_size):.3f}) | target entropy CLS | loss_patch | "
+              "target entropy patch | agreement CLS | img/s | train s |",
+              "| --- |" + " --- |" * 14]
+    for arm, stats in final.items():
+        cells = [str(stats.get("fid", (0, 0, 0))[2])] + [
+            fmt(stats.get(c), d) for c, d in (("fid", 2), ("sfid", 2), ("precision", 3), ("recall", 3),
+                                              ("class_agreement", 3), ("loss_gen", 4), ("loss_cls", 4),
+                                              ("target_entropy_cls", 4), ("loss_patch", 4),
+                                              ("target_entropy_patch", 4), ("agreement_cls", 3),
+                                              ("images_per_s", 0), ("train_seconds", 0))]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Differences at the last point", "",
+              "A difference *exceeds the seed spread* when |mean a - mean b| > 2 sqrt(s_a^2/n_a + s_b^2/n_b) "
+              "(twice the standard error of the difference; s over seeds). Lower FID is better.", ""]
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            if a in final and b in final and "fid" in final[a] and "fid" in final[b]:
+                fa, fb = final[a]["fid"], final[b]["fid"]
+                verdict = "exceeds the seed spread" if exceeds_spread(fa, fb) else "within the seed spread"
+                better = a if fa[0] < fb[0] else b
+                lines.append(f"- {a} vs {b}: FID {fa[0]:.2f} vs {fb[0]:.2f} (difference {fa[0] - fb[0]:+.2f}); "
+                             f"{better} lower, {verdict}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(agg: dict, arms: list[str], x_key: str, path: Path, xlabel: str, suffix: str) -> Path:
+    """Mean FID per arm against images seen (with the seeds' min-max band as mean ± std) or wall clock."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        points = [(images, s) for images, s in sorted(agg[arm].items()) if "fid" in s]
+        if not points:
+            continue
+        x = [images if x_key == "images" else s["train_seconds"][0] for images, s in points]
+        mean = np.array([s["fid"][0] for _, s in points])
+        std = np.array([s["fid"][1] for _, s in points])
+        ax.plot(x, mean, marker="o", label=arm)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"FID ({suffix}, CFG 1)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(args, plan: dict, client, parent_run_id: str, outcomes: dict, out: Path) -> dict:
+    import mlflow
+    from PIL import Image
+
+    from pipelines.tracking import EXPERIMENT
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    rows = []
+    for run in plan["runs"].values():
+        found = client.search_runs([experiment_id], f"tags.`sddit.train_name` = '{run['name']}'")
+        if found:
+            rows += collect_rows(client, found[0].info.run_id, run, plan)
+    write_csv(out / "results.csv", rows)
+    agg = aggregate(rows, plan["arms"])
+    write_summary(out / "summary.md", plan, args, agg, outcomes)
+    plots = [plot(agg, plan["arms"], "images", out / "fid_vs_images.png", "images seen", plan["extractor"]),
+             plot(agg, plan["arms"], "seconds", out / "fid_vs_wallclock.png", "training wall clock (s, per run)",
+                  plan["extractor"])]
+    with mlflow.start_run(run_id=parent_run_id, nested=mlflow.active_run() is not None):
+        for artifact in ("results.csv", "summary.md", "outcomes.json"):
+            mlflow.log_artifact(str(out / artifact))
+        for picture in plots:
+            with Image.open(picture) as image:
+                mlflow.log_image(image.convert("RGB"), artifact_file=f"plots/{picture.name}")
+        mlflow.log_metrics({"runs_completed": sum(o["status"] == "completed" for o in outcomes.values()),
+                            "runs_failed": sum(o["status"] == "error" for o in outcomes.values())})
+    return {"rows": rows, "aggregate": agg, "outcomes": outcomes, "out": str(out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------
+
+def study(args) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+
+    plan = plan_study(args)                        # everything that can be wrong fails here, before Ray
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes_path = out / "outcomes.json"
+    outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else {}
+    outcomes = {label: o for label, o in outcomes.items() if label in plan["runs"]}
+    todo = [label for label in plan["runs"] if outcomes.get(label, {}).get("status") != "completed"]
+
+    uri = tracking_uri(args.run_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    client = MlflowClient(uri)
+    existing = mlflow.search_runs(filter_string=f"tags.`sddit.study_name` = '{plan['name']}'", output_format="list")
+    if existing:
+        parent_run_id = existing[0].info.run_id
+    else:
+        parent = os.environ.get(PARENT_ENV) or None
+        with mlflow.start_run(run_name=f"study {plan['name']}", parent_run_id=parent, nested=parent is not None,
+                              tags={"sddit.stage": "study", "sddit.study_name": plan["name"]}) as run:
+            mlflow.log_params({"arms": ",".join(plan["arms"]), "seeds": args.seeds, "images_per_arm": plan["images"],
+                               "steps": plan["steps"], "eval_every_steps": plan["every"],
+                               "eval_samples": args.eval_samples, "eval_heun_steps": args.eval_heun_steps,
+                               "preset": plan["preset"], "overrides": " ".join(args.overrides)[:500],
+                               "data": str(Path(args.data).resolve()),
+                               "reference": str(Path(args.reference or args.data).resolve())})
+            parent_run_id = run.info.run_id
+    if todo:
+        outcomes.update(run_grid(args, plan, todo, parent_run_id, uri))
+    else:
+        print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
+    outcomes_path.write_text(json.dumps(outcomes, indent=2))
+    summary = report(args, plan, client, parent_run_id, outcomes, out)
+    failed = [label for label, o in outcomes.items() if o["status"] != "completed"]
+    print(f"study {plan['name']}: {len(plan['runs']) - len(failed)} of {len(plan['runs'])} runs finished"
+          + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; report: {out / 'summary.md'}", flush=True)
+    return summary
+
+
+def main(argv=None):
+    return study(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        sys.exit(f"study: {error}")

@@ -1,0 +1,150 @@
+"""pipelines/study.py: arms that differ only where the paper varies them, and a tiny study end to end."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from tests.test_train import TINY
+
+FAILING_ARM = {"Diverges": {"family": "DiT", "set": ["diffusion.p_mean=1000", "train.max_bad_steps=1"]}}
+
+
+# --- arms and plans, without Ray ------------------------------------------------------------------------------
+
+def flat_config(arm, base):
+    from pipelines.study import arm_overrides
+    from sddit.config import apply_overrides
+    return apply_overrides(base, arm_overrides(arm, base.model.name)).flat()
+
+
+@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures"])
+def test_every_builtin_arm_builds_and_shares_the_backbone_batch_and_lr(study):
+    from pipelines.study import STUDIES
+    from sddit.config import load_preset
+    base = load_preset("fashion-mnist")
+    configs = {arm: flat_config(arm, base) for arm in STUDIES[study]}
+    shared = ("model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "optim.batch_size",
+              "optim.lr", "train.steps", "model.decoder_hidden_size", "model.head_out_size")
+    for key in shared:
+        assert len({c[key] for c in configs.values()}) == 1, key
+
+
+def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
+    from sddit.config import load_preset
+    base = load_preset("fashion-mnist")
+    sd = flat_config("SD-DiT", base)
+
+    def differs(arm):
+        return {k for k, v in flat_config(arm, base).items() if v != sd[k]}
+
+    assert differs("SD-DiT-no-mask") == {"model.mask_ratio"}
+    assert differs("SD-DiT-no-disc") == {"model.disc_weight", "model.cls_token"}
+    assert differs("SD-DiT-tsigma-student") == {"diffusion.teacher_sigma_dist"}
+    assert differs("SD-DiT-dino-temps") == {"disc.teacher_temp_start", "disc.teacher_temp_end"}
+    assert differs("SD-DiT-mask0.5") == {"model.mask_ratio"}
+    dit = flat_config("DiT", base)
+    assert dit["model.name"] == "DiT-S/2" and dit["model.decoder_depth"] == 0 and dit["model.disc_weight"] == 0
+    maskdit = flat_config("MaskDiT", base)
+    assert maskdit["model.mask_token"] and maskdit["model.mask_ratio"] == 0.5 and maskdit["model.mae_weight"] == 0.1
+    assert maskdit["model.decoder_depth"] == sd["model.decoder_depth"]
+
+
+def test_spread_rule():
+    from pipelines.study import exceeds_spread
+    assert exceeds_spread((10.0, 1.0, 3), (20.0, 1.0, 3))
+    assert not exceeds_spread((10.0, 5.0, 3), (13.0, 5.0, 3))
+    assert not exceeds_spread((10.0, 0.0, 1), (20.0, 0.0, 1))      # one seed has no spread to compare with
+
+
+@pytest.fixture(scope="module")
+def tiny_data(ray_session, image_tree, tmp_path_factory):
+    from pipelines.encode import main as encode
+    root = tmp_path_factory.mktemp("study")
+    data = root / "pixel8"
+    encode(["--data", str(image_tree[0]), "--out", str(data), "--codec", "pixel", "--resolution", "8",
+            "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+    preset = root / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    arms = root / "arms.yaml"
+    arms.write_text(yaml.safe_dump(FAILING_ARM))
+    return root, data, preset, arms
+
+
+def study_args(root, data, preset, arms, *extra):
+    return ["--arms", "DiT,SD-DiT,Diverges", "--arms-file", str(arms), "--name", "tiny", "--data", str(data),
+            "--preset", str(preset), "--seeds", "2", "--images-per-arm", "32", "--eval-points", "2",
+            "--eval-samples", "8", "--eval-heun-steps", "2", "--out", str(root / "out"),
+            "--run-dir", str(root / "runs"), *extra]
+
+
+def test_bad_study_inputs_fail_before_ray_naming_the_field(tiny_data, tmp_path):
+    from pipelines.study import main
+    from sddit.data import DataError
+    from sddit.errors import ConfigError
+    root, data, preset, arms = tiny_data
+    with pytest.raises(ConfigError, match="unknown arm 'DiTT'"):
+        main(["--arms", "DiTT", "--data", str(data), "--preset", str(preset), "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="listed twice"):
+        main(["--arms", "DiT,DiT", "--data", str(data), "--preset", str(preset), "--out", str(tmp_path)])
+    with pytest.raises(DataError, match="manifest.json"):
+        main(["--arms", "DiT", "--data", str(data), "--preset", str(preset), "--out", str(tmp_path),
+              "--reference", str(tmp_path / "missing")])
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_data):
+    from pipelines.study import main
+    root, data, preset, arms = tiny_data
+    return root, main(study_args(root, data, preset, arms))
+
+
+def test_tiny_study_writes_csv_summary_and_plots(tiny_study):
+    root, summary = tiny_study
+    out = root / "out"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 2 arms x 2 seeds x 2 evaluation points (4 steps of batch 8 = 32 images, evaluated at 16 and 32)
+    assert sorted((r["arm"], r["seed"], r["images_seen"]) for r in rows) == sorted(
+        (arm, str(seed), str(images)) for arm in ("DiT", "SD-DiT") for seed in (0, 1) for images in (16, 32))
+    assert all(float(r["fid"]) > 0 and r["sfid"] and 0 <= float(r["class_agreement"]) <= 1 for r in rows)
+    assert all(r["loss_cls"] for r in rows if r["arm"] == "SD-DiT")
+    assert all(float(r["train_seconds"]) > 0 for r in rows)
+    text = (out / "summary.md").read_text()
+    assert "| 32 |" in text and "DiT vs SD-DiT: FID" in text
+    assert "## Runs that did not finish" in text and "Diverges@seed0" in text and "non-finite" in text
+    for name in ("fid_vs_images.png", "fid_vs_wallclock.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    assert {label: o["status"] for label, o in outcomes.items()} == {
+        "DiT@seed0": "completed", "DiT@seed1": "completed", "SD-DiT@seed0": "completed",
+        "SD-DiT@seed1": "completed", "Diverges@seed0": "error", "Diverges@seed1": "error"}
+
+
+def test_tiny_study_mlflow_has_a_parent_with_a_child_per_run(tiny_study):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    root, _ = tiny_study
+    client = MlflowClient(tracking_uri(root / "runs"))
+    experiment = client.get_experiment_by_name("sddit")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`sddit.study_name` = 'tiny'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((c.data.params["study.arm"], c.data.params["study.seed"]) for c in children) == sorted(
+        (arm, str(seed)) for arm in ("DiT", "SD-DiT", "Diverges") for seed in (0, 1))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "summary.md", "outcomes.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} >= {
+        "plots/fid_vs_images.png", "plots/fid_vs_wallclock.png"}
+    assert parent.data.metrics["runs_failed"] == 2 or client.get_run(parent.info.run_id).data.metrics["runs_failed"] == 2
+
+
+def test_rerun_repeats_only_the_runs_that_did_not_finish(tiny_study, capsys):
+    from pipelines.study import main
+    root, _ = tiny_study
+    before = (root / "out" / "results.csv").read_text()
+    capsys.readouterr()
+    main(study_args(root, root / "pixel8", root / "tiny.yaml", root / "arms.yaml"))
+    printed = capsys.readouterr().out
+    assert "study tiny: 2 runs of 4 steps" in printed          # only the failed arm's two seeds again
+    assert (root / "out" / "results.csv").read_text() == before
