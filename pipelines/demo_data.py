@@ -117,7 +117,7 @@ def read_npm_package(source: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                           f"fetch it again: {HOW_TO_GET}") from None
     splits = {"train": ([], []), "test": ([], [])}
     for label, images in enumerate(per_class):
-        cut = max(len(images) - NPM_HELD_OUT_PER_CLASS, len(images) // 2)   # small slices still get both splits
+        cut = len(images) - min(NPM_HELD_OUT_PER_CLASS, len(images) // 2)   # small slices still get both splits
         for split, part in (("train", images[:cut]), ("test", images[cut:])):
             splits[split][0].append(part)
             splits[split][1].append(np.full(len(part), label, dtype=np.int64))
