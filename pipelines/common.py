@@ -1,8 +1,41 @@
-"""Small helpers the Ray entry points share: starting Ray, progress reporting."""
+"""Small helpers the Ray entry points share: starting Ray, how much the libraries say, progress reporting."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
+
+# Set by every stage's --verbose (and inherited by Ray's workers through the environment): the libraries'
+# own INFO logs (Ray Train's per-report lines, Tune's trial tables) on the console. Either way they are
+# kept in Ray's log directory (/tmp/ray/session_latest/logs).
+VERBOSE_ENV = "SDDIT_VERBOSE"
+
+
+def set_verbose(verbose: bool) -> None:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def add_verbose_flag(parser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Ray Train's and Tune's own logs and tables on the console (always kept "
+                             "in Ray's log directory)")
+
+
+def train_logging():
+    """Ray Train's console log level: its per-report INFO lines only when verbose."""
+    from ray.train import LoggingConfig
+    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def tune_verbosity() -> int:
+    """Tune's console output: the trial tables only when verbose (our own lines report progress)."""
+    return 1 if verbose() else 0
 
 
 def init_ray(address: str | None = None, **kwargs):
@@ -10,7 +43,8 @@ def init_ray(address: str | None = None, **kwargs):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
+                 **kwargs)
     return ray
 
 

@@ -27,7 +27,7 @@ from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
 from sddit.data import (MANIFEST, DataError, EncodeSettings, Manifest, find_class_names, file_sha256,  # noqa: E402
                         list_image_folder, load_image, read_shard_metadata, shard_name, shard_schema, shard_table,
                         write_atomically)
-from pipelines.common import Progress, init_ray  # noqa: E402
+from pipelines.common import Progress, add_verbose_flag, init_ray, set_verbose  # noqa: E402
 
 SETTINGS_FILE = "encode_settings.json"
 # Test hook: hard-exit (like SIGKILL: no cleanup, no manifest) after writing this many shards.
@@ -48,7 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="images per encoder call (default 64 on GPU, 16 on CPU)")
     parser.add_argument("--address", default=None, help="Ray cluster address ('auto' for a running cluster; default: local)")
     parser.add_argument("--run-dir", default="runs", help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     if args.resolution < 8 or (args.codec == "sd-vae" and args.resolution % 8):
         parser.error(f"--resolution {args.resolution}: must be >= 8 (and a multiple of 8 for sd-vae)")
     if args.rows_per_shard < 2:

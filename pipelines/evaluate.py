@@ -34,7 +34,7 @@ from sddit.evaluation import (SAMPLES_DIR, EvaluationError, SamplingPlan, assemb
                               check_protocol, compute_metrics, finished_batches, iter_sample_batches,
                               load_reference, make_extractor, sample_batch, write_batch)
 from sddit.extractors import WEIGHTS_ENV, ExtractorError  # noqa: E402
-from pipelines.common import Progress, init_ray  # noqa: E402
+from pipelines.common import Progress, add_verbose_flag, init_ray, set_verbose  # noqa: E402
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
@@ -73,7 +73,9 @@ def parse_args(argv=None):
                         help="Ray cluster address ('auto' for a running cluster; default: local)")
     parser.add_argument("--run-dir", default="runs",
                         help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     for name, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {minimum}")

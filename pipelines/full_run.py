@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
 from sddit.config import load_preset  # noqa: E402
 from sddit.data import DataError  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
@@ -48,7 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 500 demo, 50000)")
     parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 12 demo, 40)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for the recognisability check (default 5 demo, 1.5)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
         parser.error(f"--stages: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
@@ -80,6 +83,17 @@ class Plan:
         self.flip = not demo                                # a mirrored digit is not a digit
 
 
+def stage_started(stage: str) -> float:
+    print(f"full_run: {stage} started", flush=True)
+    return time.time()
+
+
+def stage_done(stage: str, start: float) -> float:
+    seconds = time.time() - start
+    print(f"full_run: {stage} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
 def run_stages(args, plan: Plan, ray) -> dict:
     from pipelines import encode, evaluate, train
     from tuning import sweep
@@ -91,17 +105,17 @@ def run_stages(args, plan: Plan, ray) -> dict:
     summary: dict = {"stages": {}}
 
     if "encode" in stages:
-        start = time.time()
+        start = stage_started("encode")
         if args.data is None:
             from pipelines.demo_data import write_digits
             write_digits(plan.images)
         encode.main(["--data", str(plan.images), "--out", str(plan.dataset), "--codec", plan.codec, "--vae", args.vae,
                      "--resolution", str(plan.config.data.resolution)] + ([] if plan.flip else ["--no-flip"]) + common)
-        summary["stages"]["encode"] = time.time() - start
+        summary["stages"]["encode"] = stage_done("encode", start)
 
     preset, init_from = args.preset, None
     if "tune" in stages:
-        start = time.time()
+        start = stage_started("tune")
         result = sweep.main(["--data", str(plan.dataset), "--preset", args.preset, "--num-samples", str(plan.sweep_samples),
                              "--budget-steps", str(plan.sweep_budget), "--name", f"sweep-{plan.name}",
                              "--storage", str(plan.storage / "ray"), "--resume"]
@@ -113,24 +127,24 @@ def run_stages(args, plan: Plan, ray) -> dict:
                                                         "--grace-steps", str(max(plan.sweep_budget // 2, 1))])
                             + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common)
         preset, init_from = result["best_config"], result["best_checkpoint"]
-        summary["stages"]["tune"] = time.time() - start
+        summary["stages"]["tune"] = stage_done("tune", start)
         summary["best_params"] = result["best"]["params"]
 
     checkpoint = None
     if "train" in stages:
-        start = time.time()
+        start = stage_started("train")
         extra = ["--init-from", init_from] if init_from else []
         result = train.main(["--data", str(plan.dataset), "--preset", str(preset), "--steps", str(plan.train_steps),
                              "--num-workers", str(num_workers), "--name", f"final-{plan.name}",
                              "--storage", str(plan.storage / "ray")] + use_gpu + extra + common)
         checkpoint = result["checkpoint"]
-        summary["stages"]["train"] = time.time() - start
+        summary["stages"]["train"] = stage_done("train", start)
         summary["checkpoint"] = checkpoint
 
     if "evaluate" in stages:
         if checkpoint is None:
             raise ConfigError("stages", "evaluate needs the train stage in the same run (its checkpoint)")
-        start = time.time()
+        start = stage_started("evaluate")
         evaluation = ["--num-samples", str(plan.eval_samples), "--steps", str(plan.eval_steps),
                       "--extractor", plan.extractor] + (["--reference", args.reference] if args.reference else []) + (
             ["--inception-weights", args.inception_weights] if args.inception_weights else []) + common
@@ -141,7 +155,7 @@ def run_stages(args, plan: Plan, ray) -> dict:
         untrained = untrained_checkpoint(checkpoint, plan.storage / "untrained")
         summary["metrics_untrained_cfg1"] = evaluate.main(["--checkpoint", str(untrained), "--cfg-scale", "1"] + evaluation)
         summary["samples"] = str(write_summary_grid(Path(checkpoint), plan))
-        summary["stages"]["evaluate"] = time.time() - start
+        summary["stages"]["evaluate"] = stage_done("evaluate", start)
     return summary
 
 
@@ -181,14 +195,13 @@ def main(argv=None) -> dict:
     import mlflow
 
     from pipelines.common import init_ray
-    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+    from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
     args = parse_args(argv)
     plan = Plan(args)
     start = time.time()
     ray = init_ray((args.address or "auto") if args.cluster else None)
     uri = tracking_uri(plan.run_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    use_store(uri)
     with mlflow.start_run(run_name=f"full_run {plan.name}", tags={"sddit.stage": "pipeline"}) as parent:
         mlflow.log_params({"preset": args.preset, "stages": args.stages, "cluster": args.cluster,
                            "data": str(plan.images), "storage": str(plan.storage)})

@@ -40,6 +40,7 @@ from sddit.data import DataError, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.models.registry import parse_name  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
+from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Arms and studies
@@ -150,6 +151,7 @@ def parse_args(argv=None):
     parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per run (default: CPU)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster fits)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps"):
         if getattr(args, flag) < 1:
@@ -215,8 +217,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) ->
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipelines.common import init_ray
-    from pipelines.tracking import EXPERIMENT
+    from pipelines.common import init_ray, tune_verbosity
     from tuning.sweep import prepare_judge, root_cause, trial_resources, trial_trainable
 
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
@@ -228,7 +229,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) ->
     context = {
         "base_config": plan["base"].to_dict(), "data": str(Path(args.data).resolve()),
         "runs": {label: plan["runs"][label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
-        "experiment": EXPERIMENT, "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
+        "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
         "gpus_per_worker": gpus_per_worker,
         "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
                   "extractor": plan["extractor"], "reference": judge_dir},
@@ -241,7 +242,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) ->
         tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
         # a new Tune experiment per invocation; the Train runs inside keep their names and so their checkpoints
         run_config=tune.RunConfig(name=f"study-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(storage),
+                                  storage_path=str(storage), verbose=tune_verbosity(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     outcomes = {}
@@ -430,8 +431,9 @@ def study(args) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+    from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
+    set_verbose(args.verbose)
     plan = plan_study(args)                        # everything that can be wrong fails here, before Ray
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -441,8 +443,7 @@ def study(args) -> dict:
     todo = [label for label in plan["runs"] if outcomes.get(label, {}).get("status") != "completed"]
 
     uri = tracking_uri(args.run_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    use_store(uri)
     client = MlflowClient(uri)
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.study_name` = '{plan['name']}'", output_format="list")
     if existing:

@@ -25,13 +25,28 @@ def tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+# MLflow 3's UI picks an experiment's layout from this tag; without it, it may open the GenAI layout
+# (traces, judges) instead of the runs table, metric charts and artifacts that training runs need
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def use_store(uri: str):
+    """Point MLflow at `uri` and the project's experiment, marked as a model-training experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    if experiment.tags.get(KIND_TAG) != KIND:
+        mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+    return experiment
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, parent_run_id: str | None = None):
     """An MLflow run for one stage; a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) if given."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(run_dir))
-    mlflow.set_experiment(EXPERIMENT)
+    use_store(tracking_uri(run_dir))
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
                           tags={"sddit.stage": stage}) as run:

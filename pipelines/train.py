@@ -10,6 +10,7 @@ a worker that dies is restarted from it (--max-failures).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from sddit.data import DataError, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.models import MODEL_NAMES  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
+from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
 # process exit at its first log at or after STEP, once (the marker file records it), like a crash.
@@ -50,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from (default 3)")
     parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -84,8 +87,9 @@ class RayHooks:
     """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train."""
 
     def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None,
-                 proxy: dict | None = None):
+                 proxy: dict | None = None, name: str = "train", total_steps: int = 0):
         self.rank, self.run_id, self.dataset, self.kill, self.proxy = rank, mlflow_run_id, dataset, kill, proxy
+        self.name, self.total_steps = name, total_steps
         self.client, self.last_logged, self.codec, self._judge = None, -1, None, None
         if rank == 0:
             from mlflow.tracking import MlflowClient
@@ -100,6 +104,13 @@ class RayHooks:
             from mlflow.entities import Metric
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        if self.rank == 0:                  # the console's progress line (Ray Train's own lines need --verbose)
+            scores = [f"{k[len('proxy_'):]} {v:.4g}" for k, v in metrics.items() if k.startswith("proxy_fid")]
+            # written, not print()ed: Ray Train patches print() into its logger, which shows each line twice
+            sys.stdout.write(f"{self.name}: step {step}/{self.total_steps}, {metrics.get('images_per_s', 0):.0f} "
+                             f"img/s, loss {metrics.get('loss', float('nan')):.4g}"
+                             + "".join(f", {x}" for x in scores) + "\n")
+            sys.stdout.flush()
         # a step that is also checkpointed reports its metrics once, with the checkpoint: a separate report
         # first would let Tune stop the trial (e.g. at its last step) before the checkpoint is saved
         if not checkpoint_follows:
@@ -156,6 +167,17 @@ class RayHooks:
         return self.codec or None
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every report at INFO ("Reporting training result N: ...", the whole metrics dict)
+    through a logger named after its module's file, outside the `ray.train` hierarchy that its
+    LoggingConfig governs; raise that logger's level (the lines stay in Ray's log files with --verbose)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:                     # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def maybe_kill(spec: str | None, rank: int, step: int) -> None:
     if spec:
         kill_rank, kill_step, marker = spec.split(":", 2)
@@ -174,6 +196,8 @@ def train_worker(context: dict) -> None:
 
     import torch
     torch.set_num_threads(context["cpus_per_worker"])      # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved
+    if not context.get("verbose"):
+        quiet_ray_train_reports()
     world = ray.train.get_context()
     rank, world_size = world.get_world_rank(), world.get_world_size()
     config = config_from_dict(context["config"])
@@ -185,7 +209,7 @@ def train_worker(context: dict) -> None:
     init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
     hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run_id"],
                      dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"],
-                     context.get("proxy"))
+                     context.get("proxy"), context.get("name", "train"), config.train.steps)
     train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
                hooks=hooks, wrap_model=ray.train.torch.prepare_model if world_size > 1 else None,
                resume=resume, init_from=init_from)
@@ -216,15 +240,15 @@ def train(args):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray
-    from pipelines.tracking import EXPERIMENT, tracking_uri
+    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, train_logging, verbose
+    from pipelines.tracking import tracking_uri, use_store
 
+    set_verbose(args.verbose)
     config = resolve_config(args)                           # fails here, before any cluster work
     name = args.name or f"{Path(args.preset).stem}-{config.model.name.replace('/', '')}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
     uri = tracking_uri(args.run_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    use_store(uri)
     params = {**config.flat(), "data": str(Path(args.data).resolve()), "num_workers": args.num_workers,
               "use_gpu": args.use_gpu, "init_from": args.init_from, "storage": str(storage)}
     ray = init_ray(args.address)
@@ -234,10 +258,11 @@ def train(args):
             train_worker,
             train_loop_config={"config": config.to_dict(), "data": str(Path(args.data).resolve()),
                                "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run_id": run.info.run_id,
-                               "kill": os.environ.get(KILL_ENV), "cpus_per_worker": cpus_per_worker},
+                               "kill": os.environ.get(KILL_ENV), "cpus_per_worker": cpus_per_worker, "name": name,
+                               "verbose": verbose()},
             scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
-            run_config=RunConfig(name=name, storage_path=str(storage),
+            run_config=RunConfig(name=name, storage_path=str(storage), logging_config=train_logging(),
                                  failure_config=FailureConfig(max_failures=args.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
         )

@@ -1,5 +1,6 @@
 """full_run end to end on the embedded demo (tiny budgets), and its MLflow store in a real browser."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,15 @@ def mlflow_server(smoke):
         server.wait(timeout=30)
 
 
+def chromium_path() -> str:
+    """The browser `make test` installed (SDDIT_CHROMIUM, default Debian's); missing is a failure, not a skip."""
+    path = os.environ.get("SDDIT_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        pytest.fail(f"{path} is missing: `make test` installs Debian's chromium (apt-get install chromium), or "
+                    f"point SDDIT_CHROMIUM / make test CHROMIUM=... at a Chromium binary")
+    return path
+
+
 def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smoke, mlflow_server):
     """Headless Chromium (Debian's, driven by Playwright) on the real MLflow UI; screenshots are kept."""
     from mlflow.tracking import MlflowClient
@@ -103,11 +113,18 @@ def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smo
     [train] = client.search_runs([experiment.experiment_id], "tags.`sddit.train_name` = 'final-demo'")
     base = f"{mlflow_server}/#/experiments/{experiment.experiment_id}"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         try:
+            # the experiment opens on its runs table (MLflow 3's model-training layout), not the GenAI one
+            assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+            page.goto(base, wait_until="load")
+            expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Traces", exact=True)).to_have_count(0)
+            page.screenshot(path=str(artifacts / "mlflow_ui_experiment.png"))
+
             # the pipeline run, expanded to show a child run per stage
             page.goto(f"{base}/runs", wait_until="load")
             expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)

@@ -24,6 +24,7 @@ from sddit.config import apply_overrides, config_from_dict, load_preset, preset_
 from sddit.data import DataError, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
+from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
 SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default="runs", help="root of the MLflow store and default storage (default runs/)")
     parser.add_argument("--storage", default=None, help="storage shared by all nodes (default RUN_DIR/ray)")
     parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     for flag in ("num_samples", "budget_steps", "proxy_samples", "proxy_heun_steps", "workers_per_trial"):
         if getattr(args, flag) < 1:   # refused here, not minutes later inside a trial
@@ -114,12 +116,13 @@ def run_trial(trial: dict, context: dict) -> None:
     A sweep's trial holds searched values of config fields; a study's trial (pipelines/study.py) names one
     of the fixed runs in context["runs"] (an arm x seed: its overrides and a name that stays the same
     across reruns, so an interrupted run continues from its checkpoint)."""
-    import mlflow
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipelines.common import train_logging, verbose
+    from pipelines.tracking import use_store
     from pipelines.train import find_or_start_mlflow_run, train_worker
     if "runs" in context:
         run_spec = context["runs"][trial["run"]]
@@ -129,18 +132,19 @@ def run_trial(trial: dict, context: dict) -> None:
         overrides = [f"{key[len('searched.'):]}={value}" for key, value in tagged.items()]
         name = f"{context['sweep_name']}-{tune.get_context().get_trial_id()}"
     config = apply_overrides(config_from_dict(context["base_config"]), overrides)
-    mlflow.set_tracking_uri(context["mlflow_uri"])
-    mlflow.set_experiment(context["experiment"])
+    use_store(context["mlflow_uri"])
     with find_or_start_mlflow_run(name, {**config.flat(), **tagged}, parent_run_id=context["sweep_run_id"]) as run:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": config.to_dict(), "data": context["data"], "init_from": None,
                                "mlflow_uri": context["mlflow_uri"], "mlflow_run_id": run.info.run_id, "kill": None,
-                               "cpus_per_worker": context["cpus_per_worker"], "proxy": context["proxy"]},
+                               "cpus_per_worker": context["cpus_per_worker"], "proxy": context["proxy"],
+                               "name": name, "verbose": verbose()},
             scaling_config=ScalingConfig(num_workers=context["workers"], use_gpu=context["gpus_per_worker"] > 0,
                                          resources_per_worker={"CPU": context["cpus_per_worker"],
                                                                "GPU": context["gpus_per_worker"]}),
             run_config=RunConfig(name=name, storage_path=context["storage"], callbacks=[TuneReportCallback()],
+                                 logging_config=train_logging(),
                                  failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
@@ -190,9 +194,10 @@ def sweep(args) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipelines.common import init_ray
-    from pipelines.tracking import EXPERIMENT, PARENT_ENV, tracking_uri
+    from pipelines.common import init_ray, tune_verbosity
+    from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
+    set_verbose(args.verbose)
     # everything that can be wrong is checked before Ray starts
     # trials run the preset for the sweep's budget; the best config keeps the preset's own schedule
     preset = fit_to_dataset(apply_overrides(load_preset(args.preset), list(args.overrides)),
@@ -211,8 +216,7 @@ def sweep(args) -> dict:
         ray, args.workers_per_trial, args.gpus_per_trial, args.max_concurrent)
 
     uri = tracking_uri(args.run_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    use_store(uri)
     parent = os.environ.get(PARENT_ENV) or None
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.sweep_name` = '{name}'", output_format="list")
     run_ctx = (mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
@@ -230,7 +234,7 @@ def sweep(args) -> dict:
             mlflow.log_dict(space, "search_space.yaml")
         context = {
             "base_config": base.to_dict(), "data": str(Path(args.data).resolve()), "space_keys": list(space),
-            "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri, "experiment": EXPERIMENT,
+            "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri,
             "storage": str(storage), "workers": args.workers_per_trial, "cpus_per_worker": cpus_per_worker,
             "gpus_per_worker": gpus_per_worker,
             "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
@@ -252,7 +256,7 @@ def sweep(args) -> dict:
                 tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=args.num_samples,
                                             search_alg=searcher, scheduler=scheduler,
                                             max_concurrent_trials=limit),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=tune_verbosity(),
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         results = tuner.fit()
