@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit import code_version  # noqa: E402
-from sddit.checkpoint import load_checkpoint, load_generator, resolve  # noqa: E402
+from sddit.checkpoint import CheckpointError, load_checkpoint, load_generator, resolve  # noqa: E402
 from sddit.codecs import CodecError, make_codec  # noqa: E402
 from sddit.data import DataError  # noqa: E402
 from sddit.evaluation import (SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,  # noqa: E402
@@ -260,5 +260,5 @@ def main(argv=None) -> dict[str, float]:
 if __name__ == "__main__":
     try:
         main()
-    except (EvaluationError, ExtractorError, DataError, CodecError, FileNotFoundError) as error:
+    except (EvaluationError, ExtractorError, DataError, CodecError, CheckpointError, FileNotFoundError) as error:
         sys.exit(f"evaluate: {error}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sddit.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
 from sddit.data import DataError, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
@@ -76,6 +77,8 @@ def resolve_config(args):
     config = fit_to_dataset(config, manifest, args.data)
     if config.optim.batch_size % args.num_workers:
         raise ConfigError("optim.batch_size", f"{config.optim.batch_size} is not divisible by {args.num_workers} workers")
+    if args.init_from:
+        load_checkpoint(args.init_from)        # unreadable: one line naming the file here, not a worker's traceback
     return config
 
 
@@ -190,7 +193,6 @@ def train_worker(context: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from sddit.checkpoint import load_checkpoint
     from sddit.config import config_from_dict
     from sddit.training import dataset_info, train_loop
 
@@ -280,5 +282,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         sys.exit(f"train: {error}")

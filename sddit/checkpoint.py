@@ -66,9 +66,25 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable or incomplete; the message names the file."""
+
+
+REQUIRED_KEYS = ("config", "model", "generation_ema", "optimizer", "step", "dataset")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
-    # weights_only=False: the payload holds numpy / python RNG states; only load checkpoints you wrote
-    payload = torch.load(resolve(path), map_location=map_location, weights_only=False, mmap=True)
+    path = resolve(path)
+    try:
+        # weights_only=False: the payload holds numpy / python RNG states; only load checkpoints you wrote
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    except Exception as error:              # torch / zipfile / pickle each raise their own kind
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a torch file "
+                              f"({type(error).__name__}: {reason})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: not an sddit checkpoint (missing {', '.join(missing)})")
     payload["config"] = config_from_dict(payload["config"])
     return payload
 

@@ -2,10 +2,12 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sddit.checkpoint import rng_state, save_checkpoint
 from sddit.evaluation import (EvaluationError, SamplingPlan, batch_path, load_reference, make_extractor,
@@ -13,6 +15,7 @@ from sddit.evaluation import (EvaluationError, SamplingPlan, batch_path, load_re
 from sddit.extractors import InceptionExtractor
 from sddit.training import build_training
 from tests.conftest import tiny_config
+from tests.test_train import TINY
 
 NUM_CLASSES = 3                                         # the image_tree fixture's classes
 EVAL_ARGS = ["--num-samples", "12", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1.5", "--seed", "7"]
@@ -242,3 +245,33 @@ def test_adm_reference_npz(domain_run, pixel_dataset, tmp_path):
     np.savez(tmp_path / "stats_only.npz", mu=np.zeros(4))
     with pytest.raises(EvaluationError, match=r"stats_only.npz has no arr_0 images"):
         reference_from_npz(tmp_path / "stats_only.npz", domain)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not ours"])
+def test_a_bad_checkpoint_is_one_line_naming_the_file(checkpoint, pixel_dataset, tmp_path, damage):
+    """evaluate --checkpoint and train --init-from with a damaged file: exit status 1, no traceback."""
+    import subprocess
+    import sys
+
+    import torch
+    from sddit.checkpoint import CheckpointError, load_checkpoint
+    bad = tmp_path / "checkpoint.pt"
+    good = Path(checkpoint).read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(good[: len(good) // 3])
+    elif damage == "garbage":
+        bad.write_bytes(b"\x00not a checkpoint" * 100)
+    else:
+        torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(TINY))
+    for command in ([str(root / "pipelines" / "evaluate.py"), "--checkpoint", str(bad)],
+                    [str(root / "pipelines" / "train.py"), "--data", str(pixel_dataset), "--preset", str(tmp_path / "p.yaml"),
+                     "--num-workers", "1", "--init-from", str(bad)]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        stage = Path(command[0]).stem
+        assert done.stderr.strip().startswith(f"{stage}: ") and str(bad) in done.stderr
