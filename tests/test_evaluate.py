@@ -234,9 +234,10 @@ def test_adm_reference_npz(domain_run, pixel_dataset, tmp_path):
     domain = make_extractor("domain", dataset_dir=pixel_dataset)
     # any extractor but the real Inception takes everything from arr_0, through itself
     own = reference_from_npz(path, Counting(domain))
-    features = domain.extract(images)["pool"]
-    np.testing.assert_allclose(own.mu, features.mean(0), rtol=1e-5, atol=1e-6)
-    assert own.features.shape == (10, 128) and own.mu_s is None
+    outputs = domain.extract(images)
+    np.testing.assert_allclose(own.mu, outputs["pool"].mean(0), rtol=1e-5, atol=1e-6)
+    assert own.features.shape == (10, 128)
+    np.testing.assert_allclose(own.mu_s, outputs["spatial"].mean(0), rtol=1e-5, atol=1e-6)   # the domain sFID layer
     # the real Inception uses the file's TF statistics, and arr_0 only for precision/recall
     as_inception = Counting(domain, name="inception")
     adm = reference_from_npz(path, as_inception)
@@ -275,3 +276,16 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file(checkpoint, pixel_dataset,
         assert "Traceback" not in done.stderr
         stage = Path(command[0]).stem
         assert done.stderr.strip().startswith(f"{stage}: ") and str(bad) in done.stderr
+
+
+def test_domain_sfid_features_are_the_second_stage_channels_in_hwc_order(pixel_dataset):
+    domain = make_extractor("domain", dataset_dir=pixel_dataset)
+    images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    spatial = domain.extract(images)["spatial"]
+    net = domain.net
+    with torch.no_grad():
+        low = net.low(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)   # [3, 2w, 4, 4]
+    channels = net.SFID_CHANNELS
+    assert spatial.shape == (3, 4 * 4 * channels)
+    # column (h * 4 + w) * channels + c holds channel c at (h, w), as ADM lays out Inception's mixed_6/conv
+    np.testing.assert_allclose(spatial[:, (1 * 4 + 2) * channels + 3], low[:, 3, 1, 2].numpy(), rtol=1e-5, atol=1e-6)

@@ -148,3 +148,15 @@ def test_rerun_repeats_only_the_runs_that_did_not_finish(tiny_study, capsys):
     printed = capsys.readouterr().out
     assert "study tiny: 2 runs of 4 steps" in printed          # only the failed arm's two seeds again
     assert (root / "out" / "results.csv").read_text() == before
+
+
+@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures"])
+def test_every_builtin_study_plans_on_a_dataset(tiny_data, tmp_path, study):
+    """The whole plan (configs fitted to the data, equal images, one run per arm x seed) before any Ray work."""
+    from pipelines.study import STUDIES, parse_args, plan_study
+    root, data, preset, _ = tiny_data
+    plan = plan_study(parse_args(["--study", study, "--data", str(data), "--preset", str(preset), "--seeds", "2",
+                                  "--images-per-arm", "100", "--eval-points", "3", "--out", str(tmp_path)]))
+    assert plan["arms"] == STUDIES[study] and len(plan["runs"]) == 2 * len(STUDIES[study])
+    assert plan["steps"] % 3 == 0 and plan["images"] >= 100 and plan["every"] * 3 == plan["steps"]
+    assert len({run["name"] for run in plan["runs"].values()}) == len(plan["runs"])   # stable, distinct names
