@@ -245,16 +245,39 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) ->
                                   storage_path=str(storage), verbose=tune_verbosity(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
-    outcomes = {}
+    errors = {}
     for result in tuner.fit():
         label = (result.config or {}).get("run")
-        if label is None:
-            continue
-        step = int((result.metrics or {}).get("step") or 0)
-        if result.error:
-            outcomes[label] = {"status": "error", "error": root_cause(result.error), "last_step": step}
+        if label is not None and result.error:
+            errors[label] = root_cause(result.error)
+    return errors
+
+
+def evaluated_steps(client, plan: dict) -> dict[str, tuple[str | None, list[int]]]:
+    """{label: (MLflow run id or None, steps evaluated)}: what each run has done, from its own history, so a
+    killed study loses nothing and a rerun knows which runs are finished."""
+    from pipelines.tracking import EXPERIMENT
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    key = f"proxy_fid_{plan['extractor']}"
+    done = {}
+    for label, run in plan["runs"].items():
+        found = client.search_runs([experiment.experiment_id], f"tags.`sddit.train_name` = '{run['name']}'") \
+            if experiment else []
+        run_id = found[0].info.run_id if found else None
+        done[label] = (run_id, sorted(m.step for m in client.get_metric_history(run_id, key)) if run_id else [])
+    return done
+
+
+def outcomes_of(done: dict, plan: dict, errors: dict[str, str]) -> dict[str, dict]:
+    outcomes = {}
+    for label, (_, steps) in done.items():
+        last = max(steps, default=0)
+        if last >= plan["steps"]:
+            outcomes[label] = {"status": "completed", "last_step": last}
+        elif label in errors:
+            outcomes[label] = {"status": "error", "error": errors[label], "last_step": last}
         else:
-            outcomes[label] = {"status": "completed" if step >= plan["steps"] else "incomplete", "last_step": step}
+            outcomes[label] = {"status": "incomplete", "last_step": last}
     return outcomes
 
 
@@ -399,13 +422,10 @@ def report(args, plan: dict, client, parent_run_id: str, outcomes: dict, out: Pa
     import mlflow
     from PIL import Image
 
-    from pipelines.tracking import EXPERIMENT
-    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     rows = []
-    for run in plan["runs"].values():
-        found = client.search_runs([experiment_id], f"tags.`sddit.train_name` = '{run['name']}'")
-        if found:
-            rows += collect_rows(client, found[0].info.run_id, run, plan)
+    for label, (run_id, _) in evaluated_steps(client, plan).items():
+        if run_id:
+            rows += collect_rows(client, run_id, plan["runs"][label], plan)
     write_csv(out / "results.csv", rows)
     agg = aggregate(rows, plan["arms"])
     write_summary(out / "summary.md", plan, args, agg, outcomes)
@@ -437,11 +457,6 @@ def study(args) -> dict:
     plan = plan_study(args)                        # everything that can be wrong fails here, before Ray
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    outcomes_path = out / "outcomes.json"
-    outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else {}
-    outcomes = {label: o for label, o in outcomes.items() if label in plan["runs"]}
-    todo = [label for label in plan["runs"] if outcomes.get(label, {}).get("status") != "completed"]
-
     uri = tracking_uri(args.run_dir)
     use_store(uri)
     client = MlflowClient(uri)
@@ -459,11 +474,13 @@ def study(args) -> dict:
                                "data": str(Path(args.data).resolve()),
                                "reference": str(Path(args.reference or args.data).resolve())})
             parent_run_id = run.info.run_id
-    if todo:
-        outcomes.update(run_grid(args, plan, todo, parent_run_id, uri))
-    else:
+    todo = [label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
+            if o["status"] != "completed"]
+    errors = run_grid(args, plan, todo, parent_run_id, uri) if todo else {}
+    if not todo:
         print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
-    outcomes_path.write_text(json.dumps(outcomes, indent=2))
+    outcomes = outcomes_of(evaluated_steps(client, plan), plan, errors)
+    (out / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
     summary = report(args, plan, client, parent_run_id, outcomes, out)
     failed = [label for label, o in outcomes.items() if o["status"] != "completed"]
     print(f"study {plan['name']}: {len(plan['runs']) - len(failed)} of {len(plan['runs'])} runs finished"
