@@ -60,3 +60,27 @@ def test_rayignore_keeps_data_checkpoints_and_stores_out_of_the_working_dir():
     ignored = (INFRA.parent / ".rayignore").read_text().split()
     for pattern in ("runs/", "*.db", "*.pt", "*.parquet", ".venv/", "mlruns/"):
         assert pattern in ignored
+
+
+def test_make_test_installs_a_missing_chromium_and_fetches_fashion_mnist():
+    """On a machine without the browser, `make test` plans apt's chromium before pytest (dry run: make -n)."""
+    import subprocess
+    root = INFRA.parent
+    missing = "/nonexistent/sddit-test/chromium"
+    plan = subprocess.run(["make", "-n", "test", f"CHROMIUM={missing}"], cwd=root, capture_output=True, text=True,
+                          timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    install = next(i for i, line in enumerate(lines) if "apt-get install -y -q chromium" in line)
+    pytest_line = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert install < pytest_line
+    assert (root / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_the_ui_test_fails_rather_than_skips_without_a_browser(monkeypatch):
+    import pytest
+
+    from tests.test_full_run import chromium_path
+    monkeypatch.setenv("SDDIT_CHROMIUM", "/nonexistent/sddit-test/chromium")
+    with pytest.raises(pytest.fail.Exception, match="make test"):
+        chromium_path()
