@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -197,11 +198,15 @@ def plan_study(args) -> dict:
     runs = {}
     for arm in arms:
         overrides = arm_overrides(arm, base.model.name, custom)
-        apply_overrides(base, overrides)          # an arm that cannot be built fails here, naming the field
         for seed in range(args.seeds):
             label = f"{arm}@seed{seed}"
+            # an arm that cannot be built fails here, naming the field
+            config = apply_overrides(base, overrides + [f"train.seed={seed}"])
+            # the run's name carries its config's digest: a rerun continues a run only if nothing about it
+            # changed; with other settings under the same --name it starts new runs instead of mixing them
+            digest = hashlib.sha256(json.dumps(config.flat(), sort_keys=True, default=str).encode()).hexdigest()[:8]
             runs[label] = {"arm": arm, "seed": seed, "overrides": overrides + [f"train.seed={seed}"],
-                           "name": f"study-{args.name}-{slug(arm)}-seed{seed}",
+                           "name": f"study-{args.name}-{slug(arm)}-seed{seed}-{digest}",
                            "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed}}
     extractor = "domain" if codec == "pixel" else "inception"
     return {"name": args.name, "arms": arms, "base": base, "preset": preset_name, "steps": steps, "every": every,
@@ -212,8 +217,8 @@ def plan_study(args) -> dict:
 # Running the grid
 # ---------------------------------------------------------------------------------------------
 
-def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) -> dict[str, dict]:
-    """The runs in `todo` as one Tune grid of Ray Train runs; -> {label: outcome} of each."""
+def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) -> dict[str, str]:
+    """The runs in `todo` as one Tune grid of Ray Train runs; -> {label: error} of the runs that failed."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 

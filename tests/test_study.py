@@ -160,3 +160,16 @@ def test_every_builtin_study_plans_on_a_dataset(tiny_data, tmp_path, study):
     assert plan["arms"] == STUDIES[study] and len(plan["runs"]) == 2 * len(STUDIES[study])
     assert plan["steps"] % 3 == 0 and plan["images"] >= 100 and plan["every"] * 3 == plan["steps"]
     assert len({run["name"] for run in plan["runs"].values()}) == len(plan["runs"])   # stable, distinct names
+
+
+def test_a_changed_setting_gives_new_run_names_so_reruns_never_mix_configs(tiny_data, tmp_path):
+    from pipelines.study import parse_args, plan_study
+    _, data, preset, _ = tiny_data
+    common = ["--arms", "DiT,SD-DiT", "--data", str(data), "--preset", str(preset), "--out", str(tmp_path)]
+    first = plan_study(parse_args(common))["runs"]
+    again = plan_study(parse_args(common))["runs"]
+    longer = plan_study(parse_args(common + ["--images-per-arm", "64000"]))["runs"]
+    other_lr = plan_study(parse_args(common + ["--set", "optim.lr=0.01"]))["runs"]
+    assert {k: r["name"] for k, r in first.items()} == {k: r["name"] for k, r in again.items()}
+    for changed in (longer, other_lr):
+        assert all(first[k]["name"] != changed[k]["name"] for k in first)
