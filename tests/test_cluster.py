@@ -64,18 +64,25 @@ def loopback_cluster():
                RAY_USAGE_STATS_ENABLED="0")
     run([ray_bin, "get-auth-token", "--generate"], env)
     gcs, dashboard = free_port(), free_port()
+
+    def agent_ports():
+        """Each node's agents on free ports, so another Ray on the machine (Ray's defaults) cannot collide."""
+        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+
     nodes = []
     try:
         nodes.append(subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--num-cpus", "1", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dirs[0]), "--disable-usage-stats"],
+             "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dirs[0]), "--disable-usage-stats",
+             *agent_ports()],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: run([ray_bin, "status", "--address", f"127.0.0.1:{gcs}"], env, check=False).returncode == 0,
                  "the head node")
         nodes.append(subprocess.Popen(
             [ray_bin, "start", "--block", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "1", "--temp-dir", str(temp_dirs[1]), "--disable-usage-stats"],
+             "--num-cpus", "1", "--temp-dir", str(temp_dirs[1]), "--disable-usage-stats", *agent_ports()],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for(lambda: re.search(r"/2\.0 CPU", run([ray_bin, "status", "--address", f"127.0.0.1:{gcs}"], env,
                                                      check=False).stdout), "the second node")
@@ -116,10 +123,16 @@ def test_ray_job_submit_runs_the_smoke_demo_on_a_two_node_cluster(loopback_clust
 
     # with the token (RAY_AUTH_MODE=token and ~/.ray/auth_token), the whole pipeline runs as a job
     storage = tmp_path / "shared"
-    job = run(submit + ["--submission-id", "sddit-smoke", "--", "python", "pipelines/full_run.py", "--cluster",
-                        "--storage", str(storage), "--run-dir", str(storage / "runs")] + SMOKE,
-              cluster.env, timeout=900, check=False)
-    status = run([cluster.ray, "job", "status", "--address", cluster.address, "sddit-smoke"], cluster.env)
+    command = submit + ["--submission-id", "sddit-smoke", "--", "python", "pipelines/full_run.py", "--cluster",
+                        "--storage", str(storage), "--run-dir", str(storage / "runs")] + SMOKE
+    deadline = time.time() + 180
+    while True:   # on a loaded machine the head's job agent can come up after `ray status` answers
+        job = run(command, cluster.env, timeout=900, check=False)
+        if "No available agent to submit job" not in job.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
+    status = run([cluster.ray, "job", "status", "--address", cluster.address, "sddit-smoke"], cluster.env, check=False)
+    assert status.returncode == 0, f"submit: {job.stdout[-3000:]}\n{job.stderr[-3000:]}\nstatus: {status.stderr[-1000:]}"
     assert "Job 'sddit-smoke' succeeded" in status.stdout, job.stdout[-4000:] + job.stderr[-4000:]
     assert "=== sddit full_run summary ===" in job.stdout
 
