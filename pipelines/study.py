@@ -423,12 +423,13 @@ def plot(agg: dict, arms: list[str], x_key: str, path: Path, xlabel: str, suffix
     return path
 
 
-def report(args, plan: dict, client, parent_run_id: str, outcomes: dict, out: Path) -> dict:
+def report(args, plan: dict, client, done: dict, parent_run_id: str, outcomes: dict, out: Path) -> dict:
+    """`done`: evaluated_steps() after the grid; each run's rows come from its MLflow history."""
     import mlflow
     from PIL import Image
 
     rows = []
-    for label, (run_id, _) in evaluated_steps(client, plan).items():
+    for label, (run_id, _) in done.items():
         if run_id:
             rows += collect_rows(client, run_id, plan["runs"][label], plan)
     write_csv(out / "results.csv", rows)
@@ -484,9 +485,10 @@ def study(args) -> dict:
     errors = run_grid(args, plan, todo, parent_run_id, uri) if todo else {}
     if not todo:
         print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
-    outcomes = outcomes_of(evaluated_steps(client, plan), plan, errors)
+    done = evaluated_steps(client, plan)
+    outcomes = outcomes_of(done, plan, errors)
     (out / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
-    summary = report(args, plan, client, parent_run_id, outcomes, out)
+    summary = report(args, plan, client, done, parent_run_id, outcomes, out)
     failed = [label for label, o in outcomes.items() if o["status"] != "completed"]
     print(f"study {plan['name']}: {len(plan['runs']) - len(failed)} of {len(plan['runs'])} runs finished"
           + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; report: {out / 'summary.md'}", flush=True)
