@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     start = time.time()
     ray = init_ray((args.address or "auto") if args.cluster else None)
     uri = tracking_uri(plan.run_dir)
-    use_store(uri)
+    experiment = use_store(uri)
     with mlflow.start_run(run_name=f"full_run {plan.name}", tags={"sddit.stage": "pipeline"}) as parent:
         mlflow.log_params({"preset": args.preset, "stages": args.stages, "cluster": args.cluster,
                            "data": str(plan.images), "storage": str(plan.storage)})
@@ -217,11 +217,12 @@ def main(argv=None) -> dict:
         if "samples" in summary:
             mlflow.log_artifact(summary["samples"])
     (plan.run_dir / f"{plan.name}_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print_summary(summary, plan, uri)
+    print_summary(summary, plan, uri, experiment.experiment_id)
     return summary
 
 
-def print_summary(summary: dict, plan: Plan, uri: str) -> None:
+def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> None:
+    from pipelines.tracking import UI_QUERY
     print("\n=== sddit full_run summary ===")
     print(f"wall time: {summary['wall_s'] / 60:.1f} min ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items()) + ")")
@@ -236,7 +237,8 @@ def print_summary(summary: dict, plan: Plan, uri: str) -> None:
         print(f"sample grid: {summary['samples']}")
     if "checkpoint" in summary:
         print(f"checkpoint: {summary['checkpoint']}")
-    print(f"browse: mlflow ui --backend-store-uri {uri}")
+    print(f"browse: mlflow ui --backend-store-uri {uri}\n  then open http://127.0.0.1:5000/#/experiments/"
+          f"{experiment_id}/runs?{UI_QUERY} (MLflow's 'Model training' layout: runs, charts, sample grids)")
 
 
 if __name__ == "__main__":

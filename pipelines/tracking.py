@@ -25,9 +25,11 @@ def tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
-# MLflow 3's UI picks an experiment's layout from this tag; without it, it may open the GenAI layout
-# (traces, judges) instead of the runs table, metric charts and artifacts that training runs need
+# MLflow 3's UI opens experiments in its GenAI layout (traces, judges) unless told otherwise: 3.17 reads the
+# layout from the URL (`workflowType`, then remembered in the browser), earlier 3.x from this experiment tag.
+# The links we print carry the query; the tag is set too.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"
 
 
 def use_store(uri: str):
