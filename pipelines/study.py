@@ -397,7 +397,7 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> No
 
 
 def plot(agg: dict, arms: list[str], x_key: str, path: Path, xlabel: str, suffix: str) -> Path:
-    """Mean FID per arm against images seen (with the seeds' min-max band as mean ± std) or wall clock."""
+    """Mean FID per arm, with a band of ± one standard deviation over seeds, against images seen or wall clock."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
