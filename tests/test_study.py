@@ -18,7 +18,8 @@ def flat_config(arm, base):
     return apply_overrides(base, arm_overrides(arm, base.model.name)).flat()
 
 
-@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures"])
+@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures",
+                                   "disc-terms"])
 def test_every_builtin_arm_builds_and_shares_the_backbone_batch_and_lr(study):
     from pipelines.study import STUDIES
     from sddit.config import load_preset
@@ -43,6 +44,8 @@ def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
     assert differs("SD-DiT-tsigma-student") == {"diffusion.teacher_sigma_dist"}
     assert differs("SD-DiT-dino-temps") == {"disc.teacher_temp_start", "disc.teacher_temp_end"}
     assert differs("SD-DiT-mask0.5") == {"model.mask_ratio"}
+    assert differs("SD-DiT-no-cls") == {"disc.cls_weight"}
+    assert differs("SD-DiT-no-patch") == {"disc.patch_weight"}
     dit = flat_config("DiT", base)
     assert dit["model.name"] == "DiT-S/2" and dit["model.decoder_depth"] == 0 and dit["model.disc_weight"] == 0
     maskdit = flat_config("MaskDiT", base)
@@ -150,7 +153,8 @@ def test_rerun_repeats_only_the_runs_that_did_not_finish(tiny_study, capsys):
     assert (root / "out" / "results.csv").read_text() == before
 
 
-@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures"])
+@pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures",
+                                   "disc-terms"])
 def test_every_builtin_study_plans_on_a_dataset(tiny_data, tmp_path, study):
     """The whole plan (configs fitted to the data, equal images, one run per arm x seed) before any Ray work."""
     from pipelines.study import STUDIES, parse_args, plan_study
