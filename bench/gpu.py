@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from step_time import FAMILIES, device_name, measure_training, synchronize  # noqa: E402
+from step_time import FAMILIES, count_flops, device_name, measure_training, synchronize  # noqa: E402
 
 from sddit.diffusion import edm_sample  # noqa: E402
+from sddit.evaluation import SamplingPlan, sampling_network  # noqa: E402
 from sddit.models import build  # noqa: E402
 
 
@@ -43,15 +44,10 @@ def matmul_tflops(device, size: int, dtype, repeats: int = 20) -> float:
 def sd_vae_encode(device, batch_size: int, resolution: int, dtype, repeats: int = 5) -> dict:
     """The SD VAE's architecture (sd-vae-ft-ema config) with random weights: encoder speed only."""
     try:
-        from diffusers import AutoencoderKL
+        from random_sd_vae import random_sd_vae
+        vae = random_sd_vae().to(device=device, dtype=dtype).eval()
     except ImportError as error:
         return {"skipped": f"diffusers not importable: {error}"}
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=resolution, scaling_factor=0.18215,
-    ).to(device=device, dtype=dtype).eval()
     images = torch.rand(batch_size, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
     with torch.no_grad():
         vae.encode(images)
@@ -67,21 +63,33 @@ def sd_vae_encode(device, batch_size: int, resolution: int, dtype, repeats: int 
 
 
 def heun_sampling(name: str, device, batch_size: int, input_size: int, steps: int, cfg_scale: float,
-                  precision: str) -> dict:
-    model = build(name, input_size=input_size, num_classes=1000).to(device).eval()
-    noise = torch.randn(batch_size, 4, input_size, input_size, device=device)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast:
-        edm_sample(model.denoiser, noise, labels, steps=2, cfg_scale=cfg_scale)
-        synchronize(device)
-        start = time.perf_counter()
-        edm_sample(model.denoiser, noise, labels, steps=steps, cfg_scale=cfg_scale)
-        synchronize(device)
+                  precision: str, compile: bool, batched: bool) -> dict:
+    """Heun sampling img/s through the evaluate stage's own path (sampling_network, edm_sample), and the
+    MFU that gives: counted forward FLOPs per image x network evaluations x img/s / peak."""
+    model = build(name, input_size=input_size, num_classes=1000).to(device).eval().requires_grad_(False)
+    plan = SamplingPlan(batch_size, batch_size, 1000, [4, input_size, input_size], steps=steps, cfg_scale=cfg_scale,
+                        precision=precision, compile=compile)
+    network = sampling_network(model.denoiser, plan)
+    noise = plan.noise(range(batch_size)).to(device)
+    labels = torch.from_numpy(plan.labels(range(batch_size))).to(device)
+    sigma = torch.tensor(1.0, dtype=torch.float64, device=device)
+    flops_per_image = count_flops(lambda: model.denoiser(noise[:1].double(), sigma, labels[:1]))
+
+    def run(n):
+        return edm_sample(network, noise, labels, steps=n, cfg_scale=cfg_scale, null_label=1000 if batched else None)
+
+    run(2)                                                  # compilation happens here
+    synchronize(device)
+    start = time.perf_counter()
+    run(steps)
+    synchronize(device)
     seconds = time.perf_counter() - start
     evaluations = (2 * steps - 1) * (2 if cfg_scale != 1 else 1)
+    torch.compiler.reset()
     return {"model": name, "batch_size": batch_size, "steps": steps, "cfg_scale": cfg_scale, "precision": precision,
-            "network_evaluations": evaluations, "img_per_s": batch_size / seconds}
+            "compile": compile, "cfg_batched": batched, "network_evaluations": evaluations,
+            "img_per_s": batch_size / seconds, "gflops_per_forward_image": flops_per_image / 1e9,
+            "tflops": flops_per_image * evaluations * batch_size / seconds / 1e12}
 
 
 def markdown(report: dict) -> str:
@@ -105,10 +113,14 @@ def markdown(report: dict) -> str:
     lines += ["", "SD-VAE encode (real architecture, random weights): " +
               (vae["skipped"] if "skipped" in vae else
                f"{vae['img_per_s']:.0f} img/s at {vae['resolution']}px, batch {vae['batch_size']}, {vae['dtype']}")]
+    lines += ["", "Heun sampling through the evaluate stage's path (MFU against the training precision's peak):", "",
+              "| model | batch | steps | evaluations/img | precision | compile | CFG halves | img/s | TFLOP/s | MFU |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    peak = report["matmul_tflops"][report["precision"]]
     for row in report["sampling"]:
-        lines.append(f"Heun sampling {row['model']}: {row['img_per_s']:.1f} img/s ({row['steps']} steps, "
-                     f"{row['network_evaluations']} network evaluations per image with CFG {row['cfg_scale']}, "
-                     f"batch {row['batch_size']}, {row['precision']})")
+        lines.append(f"| {row['model']} | {row['batch_size']} | {row['steps']} | {row['network_evaluations']} | "
+                     f"{row['precision']} | {row['compile']} | {'one batch' if row['cfg_batched'] else 'two calls'} | "
+                     f"{row['img_per_s']:.1f} | {row['tflops']:.1f} | {100 * row['tflops'] / peak:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,9 +187,13 @@ def main():
     vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report["vae_encode"] = sd_vae_encode(device, args.vae_batch_size, args.vae_resolution, vae_dtype)
     print(f"SD-VAE encode: {report['vae_encode']}", flush=True)
-    report["sampling"] = [heun_sampling(args.sample_model, device, args.sample_batch_size, args.input_size,
-                                        args.sample_steps, 1.5, args.precision)]
-    print(f"sampling: {report['sampling'][0]}", flush=True)
+    # the old path (eager fp32, two calls per guided step) against the fast one the evaluate stage offers
+    report["sampling"] = []
+    for precision, compile, batched in (("fp32", False, False), (args.precision, args.compile, True)):
+        row = heun_sampling(args.sample_model, device, args.sample_batch_size, args.input_size, args.sample_steps,
+                            1.5, precision, compile, batched)
+        report["sampling"].append(row)
+        print(f"sampling: {row}", flush=True)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

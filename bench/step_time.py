@@ -2,9 +2,12 @@
 
 Same backbone size for all three; prints img/s, counted FLOPs per image (torch.utils.flop_counter)
 and the SD-DiT / DiT step-time ratio, and appends a JSON record to bench/results/step_time.jsonl.
+With --repa each family is also timed with REPA's term (lambda 0.5, DINOv2-B's 768-wide features on
+the token grid, REPA's tap depth for the size), and the cost of the term is reported per family.
 
     python bench/step_time.py --size S/2 --batch-size 8 --steps 5          # CPU
     python bench/step_time.py --size S/2 --batch-size 256 --device cuda    # GPU
+    python bench/step_time.py --size B/2 --batch-size 8 --repa             # the REPA term's cost
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from sddit.models import model_config  # noqa: E402
 from sddit.training import build_training, compile_model, train_step  # noqa: E402
 
 FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
+REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size
+REPA_FEATURES = 768                                          # DINOv2 ViT-B/14
 
 
 def synchronize(device):
@@ -42,10 +47,15 @@ def count_flops(fn) -> int:
 
 
 def measure_training(name: str, *, batch_size: int, device, precision: str = "fp32", compile: bool = False,
-                     input_size: int = 32, steps: int = 5, warmup: int = 2) -> dict:
-    """Seconds per training step of model `name`, with its counted FLOPs; synthetic latents."""
+                     input_size: int = 32, steps: int = 5, warmup: int = 2, repa: bool = False) -> dict:
+    """Seconds per training step of model `name` (with REPA's term if `repa`), with its counted FLOPs;
+    synthetic latents and features."""
     config = Config()
-    config.model = model_config(name, input_size=input_size, num_classes=1000)
+    extra = {}
+    if repa:
+        size = name.split("-")[-1].split("/")[0]
+        extra = dict(repa_weight=0.5, repa_depth=REPA_DEPTH[size], repa_feature_dim=REPA_FEATURES)
+    config.model = model_config(name, input_size=input_size, num_classes=1000, **extra)
     config.optim.batch_size = batch_size
     config.optim.precision = precision
     config.train.steps = warmup + steps + 1
@@ -53,9 +63,12 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
     model, optimizer, ema, schedules = build_training(config, device)
     x0 = torch.randn(batch_size, 4, input_size, input_size, device=device)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
+    tokens = (input_size // config.model.patch_size) ** 2
+    features = torch.randn(batch_size, tokens, REPA_FEATURES, device=device).half() if repa else None
 
     def step(i):
-        return train_step(model, optimizer, ema, x0, labels, step=i, config=config, schedules=schedules)
+        return train_step(model, optimizer, ema, x0, labels, step=i, config=config, schedules=schedules,
+                          features=features)
 
     flops_per_step = count_flops(lambda: step(0))           # counted in eager mode
     if compile:
@@ -71,7 +84,7 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     row = {
-        "model": name, "batch_size": batch_size, "precision": precision, "compile": compile,
+        "model": name + (" + REPA" if repa else ""), "repa": repa, "batch_size": batch_size, "precision": precision, "compile": compile,
         "step_s": seconds, "img_per_s": batch_size / seconds, "steps_per_s": 1 / seconds,
         "flops_per_step": flops_per_step, "gflops_per_image": flops_per_step / batch_size / 1e9,
         "student_params_m": sum(p.numel() for p in model.student_parameters()) / 1e6,
@@ -92,6 +105,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (train.compile)")
+    parser.add_argument("--repa", action="store_true", help="also time each family with REPA's term")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_time.jsonl"),
                         help="JSON-lines file the record is appended to")
     args = parser.parse_args()
@@ -100,8 +114,10 @@ def main():
 
     rows = [measure_training(f"{family}-{args.size}", batch_size=batch_size, device=device,
                              precision=args.precision, compile=args.compile, input_size=args.input_size,
-                             steps=args.steps, warmup=max(args.warmup, 1)) for family in FAMILIES]
-    dit, sddit = rows[0], rows[2]
+                             steps=args.steps, warmup=max(args.warmup, 1), repa=repa)
+            for family in FAMILIES for repa in ((False, True) if args.repa else (False,))]
+    plain = [row for row in rows if not row["repa"]]
+    dit, sddit = plain[0], plain[2]
     ratio = sddit["step_s"] / dit["step_s"]
     flop_ratio = sddit["gflops_per_image"] / dit["gflops_per_image"]
     print(f"device: {device_name(device)}  batch {batch_size}  precision {args.precision}  "
@@ -112,7 +128,16 @@ def main():
               f"{row['gflops_per_image']:>12.1f}{row['student_params_m']:>12.1f}")
     print(f"SD-DiT / DiT step time: {ratio:.2f}x (FLOPs {flop_ratio:.2f}x; paper: 5.03/9.2 = 0.55x)")
     record = {"device": device_name(device), "size": args.size, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "sddit_over_dit_step_time": ratio, "sddit_over_dit_flops": flop_ratio, "rows": rows}
+              "threads": torch.get_num_threads(), "sddit_over_dit_step_time": ratio,
+              "sddit_over_dit_flops": flop_ratio, "rows": rows}
+    if args.repa:
+        record["repa_over_plain_step_time"] = {}
+        for base, with_repa in zip(rows[0::2], rows[1::2]):
+            cost = with_repa["step_s"] / base["step_s"]
+            record["repa_over_plain_step_time"][base["model"]] = cost
+            print(f"REPA term on {base['model']}: step time {cost:.2f}x, FLOPs "
+                  f"{with_repa['gflops_per_image'] / base['gflops_per_image']:.2f}x, +"
+                  f"{with_repa['student_params_m'] - base['student_params_m']:.1f}M parameters")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")

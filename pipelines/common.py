@@ -10,6 +10,10 @@ import time
 # own INFO logs (Ray Train's per-report lines, Tune's trial tables) on the console. Either way they are
 # kept in Ray's log directory (/tmp/ray/session_latest/logs).
 VERBOSE_ENV = "SDDIT_VERBOSE"
+# Ray folds lines from different workers that differ only in their numbers into "[repeated Nx across cluster]",
+# which hides all but the first of our progress lines when several trials run (the study, the sweep). Read
+# by Ray when it is first imported, which every entry point does after importing this module.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def set_verbose(verbose: bool) -> None:
@@ -82,3 +86,25 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input or machine (a bad flag or file, a full disk): each names what is wrong."""
+    from sddit.checkpoint import CheckpointError
+    from sddit.codecs import CodecError
+    from sddit.data import DataError
+    from sddit.errors import ConfigError, StorageError
+    from sddit.evaluation import EvaluationError
+    from sddit.extractors import ExtractorError
+    from sddit.representations import ExternalEncoderError
+    return (ConfigError, DataError, CheckpointError, CodecError, EvaluationError, ExtractorError, StorageError,
+            ExternalEncoderError, FileNotFoundError)
+
+
+def run_cli(stage: str, main) -> None:
+    """main(), with a user error as one line `stage: message` and exit status 1 instead of a traceback
+    (an error raised in a Ray task arrives wrapped; its cause is what the user needs to read)."""
+    try:
+        main()
+    except user_errors() as error:
+        sys.exit(f"{stage}: {getattr(error, 'cause', None) or error}")

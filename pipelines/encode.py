@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit import code_version  # noqa: E402
 from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
-from sddit.data import (MANIFEST, DataError, EncodeSettings, Manifest, find_class_names, file_sha256,  # noqa: E402
-                        list_image_folder, load_image, read_shard_metadata, shard_name, shard_schema, shard_table,
-                        write_atomically)
-from pipelines.common import Progress, add_verbose_flag, init_ray, set_verbose  # noqa: E402
+from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,  # noqa: E402
+                        find_class_names, file_sha256, list_image_folder, load_image, read_shard_metadata,
+                        shard_name, shard_schema, shard_table, write_atomically)
+from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose  # noqa: E402
 
 SETTINGS_FILE = "encode_settings.json"
 # Test hook: hard-exit (like SIGKILL: no cleanup, no manifest) after writing this many shards.
@@ -46,6 +46,14 @@ def parse_args(argv=None):
     parser.add_argument("--limit-per-class", type=int, default=None, help="take only the first N images (sorted) of each class")
     parser.add_argument("--rows-per-shard", type=int, default=2048, help="rows per Parquet shard (default 2048; even with flips)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per encoder call (default 64 on GPU, 16 on CPU)")
+    parser.add_argument("--repa-encoder", default=None,
+                        help="also store an external encoder's patch tokens of each image and mirror image for REPA "
+                             "(column repa_features): timm:<architecture> (e.g. timm:vit_base_patch14_dinov2, "
+                             "REPA's DINOv2 ViT-B/14) or local-vit (trained by pipelines/repa_encoder.py) "
+                             "(default: none)")
+    parser.add_argument("--repa-encoder-weights", default=None,
+                        help="its local weights file (nothing is downloaded; for DINOv2 the model.safetensors of "
+                             "timm/vit_base_patch14_dinov2.lvd142m)")
     parser.add_argument("--address", default=None, help="Ray cluster address ('auto' for a running cluster; default: local)")
     parser.add_argument("--run-dir", default="runs", help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
     add_verbose_flag(parser)
@@ -57,6 +65,8 @@ def parse_args(argv=None):
         parser.error(f"--rows-per-shard {args.rows_per_shard}: must be >= 2")
     if args.limit_per_class is not None and args.limit_per_class < 1:
         parser.error(f"--limit-per-class {args.limit_per_class}: must be >= 1")
+    if args.repa_encoder_weights and not args.repa_encoder:
+        parser.error("--repa-encoder-weights needs --repa-encoder")
     return args
 
 
@@ -78,22 +88,34 @@ def decode_batch(batch: dict, root: str, resolution: int) -> dict:
 
 
 class EncodeBatch:
-    """Actor: holds the codec (the VAE on its GPU) and encodes each image and its mirror image."""
+    """Actor: holds the codec (the VAE on its GPU) and, for REPA, the external encoder; encodes each image and
+    its mirror image with both."""
 
-    def __init__(self, codec: str, vae: str, use_gpu: bool):
+    def __init__(self, codec: str, vae: str, use_gpu: bool, repa: dict | None = None):
         import torch
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.codec = make_codec(codec, vae, device=device, dtype=dtype)
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.codec = make_codec(codec, vae, device=device, dtype=self.dtype)
+        self.repa = None
+        if repa is not None:
+            from sddit.representations import load_external_encoder
+            self.repa = load_external_encoder(repa["encoder"], repa["weights"], resolution=repa["resolution"],
+                                              device=device)
+            self.features_shape = self.repa.feature_shape()
 
     def __call__(self, batch: dict) -> dict:
         images, ok = batch.pop("image"), batch["ok"].astype(bool)
         shape = self.codec.stored_shape(images.shape[1])
-        for key, view in (("stored", images), ("stored_flipped", images[:, :, ::-1])):
+        for suffix, view in (("", images), ("_flipped", images[:, :, ::-1])):
             out = np.zeros((len(images), *shape), dtype=self.codec.stored_dtype)
             if ok.any():
                 out[ok] = self.codec.encode(np.ascontiguousarray(view[ok]))
-            batch[key] = out
+            batch["stored" + suffix] = out
+            if self.repa is not None:
+                features = np.zeros((len(images), *self.features_shape), dtype=np.float16)
+                if ok.any():
+                    features[ok] = self.repa.features(np.ascontiguousarray(view[ok]), dtype=self.dtype)
+                batch["features" + suffix] = features
         return batch
 
 
@@ -124,17 +146,23 @@ class ShardWriter:
             if batch["conversion"][i]:
                 kind = str(batch["conversion"][i])
                 self.conversions[kind] = self.conversions.get(kind, 0) + 1
-            self.rows.append((batch["stored"][i], label, False, image_id))
+            features = batch["features"][i] if "features" in batch else None
+            self.rows.append((batch["stored"][i], label, False, image_id, features))
             if self.flip:
-                self.rows.append((batch["stored_flipped"][i], label, True, image_id))
+                features = batch["features_flipped"][i] if "features" in batch else None
+                self.rows.append((batch["stored_flipped"][i], label, True, image_id, features))
 
     def flush(self) -> None:
         if self.shard is None:
             return
         values = np.stack([r[0] for r in self.rows]) if self.rows else self.empty
+        features = None
+        if FEATURES_COLUMN in self.schema.names:
+            features = (np.stack([r[4] for r in self.rows]) if self.rows else
+                        np.zeros((0, *self.schema.field(FEATURES_COLUMN).type.shape), dtype=np.float16))
         metadata = {"skipped": self.skipped, "conversions": self.conversions}
         table = shard_table(self.schema, values, [r[1] for r in self.rows], [r[2] for r in self.rows],
-                            [r[3] for r in self.rows], metadata)
+                            [r[3] for r in self.rows], metadata, features)
         path = self.out / shard_name(self.shard)
         write_atomically(path, lambda f: pq.write_table(table, f))
         self.bytes += path.stat().st_size
@@ -172,11 +200,22 @@ def plan(items: list, rows_per_shard: int, flip: bool) -> list[dict]:
 def encode(args) -> Manifest:
     out = Path(args.out)
     root = Path(args.data)
+    # fail before any cluster work: the VAE and the REPA encoder must load, the input and output must be usable
+    codec = make_codec(args.codec, args.vae)
+    repa = features = None
+    if args.repa_encoder:
+        from sddit.representations import load_external_encoder
+        encoder = load_external_encoder(args.repa_encoder, args.repa_encoder_weights, resolution=args.resolution)
+        repa = {"encoder": args.repa_encoder, "weights": str(Path(args.repa_encoder_weights).resolve()),
+                "resolution": args.resolution}
+        features = {"column": FEATURES_COLUMN, "encoder": args.repa_encoder,
+                    "weights_sha256": encoder.weights_sha256, "shape": encoder.feature_shape()}
+        del encoder
     settings = EncodeSettings(source=str(root.resolve()), codec=args.codec,
                               vae=args.vae if args.codec == "sd-vae" else None, resolution=args.resolution,
-                              flip=args.flip, limit_per_class=args.limit_per_class, rows_per_shard=args.rows_per_shard)
-    # fail before any cluster work: the VAE must load, the input and output must be usable
-    codec = make_codec(args.codec, args.vae)
+                              flip=args.flip, limit_per_class=args.limit_per_class, rows_per_shard=args.rows_per_shard,
+                              repa_encoder=args.repa_encoder,
+                              repa_weights_sha256=features["weights_sha256"] if features else None)
     classes, items = list_image_folder(root, args.limit_per_class)
     check_output_dir(out, settings)
     rows = plan(items, args.rows_per_shard, args.flip)
@@ -189,20 +228,21 @@ def encode(args) -> Manifest:
     ray = init_ray(args.address)
     from ray.data import ActorPoolStrategy, DataContext
 
-    schema = shard_schema(codec.column, codec.stored_shape(args.resolution), codec.stored_dtype)
+    schema = shard_schema(codec.column, codec.stored_shape(args.resolution), codec.stored_dtype,
+                          features["shape"] if features else None)
     writer = ShardWriter(out, schema, codec.stored_dtype, args.flip,
                          int(os.environ[CRASH_AFTER_ENV]) if os.environ.get(CRASH_AFTER_ENV) else None)
     start = time.time()
     if todo:
         DataContext.get_current().execution_options.preserve_order = True
         num_gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = num_gpus > 0 and args.codec == "sd-vae"
+        use_gpu = num_gpus > 0 and (args.codec == "sd-vae" or repa is not None)
         batch_size = args.batch_size or (64 if use_gpu else 16)
         ds = ray.data.from_items(todo)
         ds = ds.map_batches(decode_batch, fn_kwargs={"root": str(root), "resolution": args.resolution},
                             batch_size=32, num_cpus=1)
         ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"codec": args.codec, "vae": args.vae,
-                                                                "use_gpu": use_gpu},
+                                                                "use_gpu": use_gpu, "repa": repa},
                             compute=ActorPoolStrategy(size=max(num_gpus, 1) if use_gpu else 1),
                             batch_size=batch_size, num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
         progress = Progress(len(todo), "encode")
@@ -228,7 +268,7 @@ def encode(args) -> Manifest:
         latent_shape=list(codec.latent_shape(args.resolution)), stored_shape=list(codec.stored_shape(args.resolution)),
         num_rows=sum(s["rows"] for s in shards), shards=shards,
         classes=[{"index": i, "wnid": c, "name": names.get(c, c)} for i, c in enumerate(classes)],
-        skipped=skipped, conversions=conversions, code_version=code_version(),
+        skipped=skipped, conversions=conversions, code_version=code_version(), features=features,
     )
     manifest.write(out)
     log_run(args, manifest, codec, images_done=len(todo), seconds=seconds, bytes_written=writer.bytes)
@@ -261,7 +301,4 @@ def main(argv=None) -> Manifest:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        sys.exit(f"encode: {error}")
+    run_cli("encode", main)

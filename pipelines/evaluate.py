@@ -6,6 +6,9 @@
 The protocol is DiT / MaskDiT / SD-DiT's: 50,000 samples from the generation EMA, EDM Heun sampler,
 classifier-free guidance on all channels, labels balanced over the classes, ADM's samples.npz,
 metrics with the conventions of ADM's TensorFlow evaluator (sddit.metrics, sddit.extractors).
+Other papers' conventions are options (--guidance-interval, --guidance-channels, --labels), and so
+is how the network runs (--precision bf16, --compile); all of them are recorded in protocol.json
+and in the MLflow run, and a non-default choice is part of the default --out name.
 
 One sampling actor per GPU (two on a CPU-only machine) loads the generation EMA once and draws the
 batches the driver hands it; the driver writes each finished batch atomically to
@@ -27,14 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit import code_version  # noqa: E402
-from sddit.checkpoint import CheckpointError, load_checkpoint, load_generator, resolve  # noqa: E402
-from sddit.codecs import CodecError, make_codec  # noqa: E402
-from sddit.data import DataError  # noqa: E402
-from sddit.evaluation import (SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,  # noqa: E402
-                              check_protocol, compute_metrics, finished_batches, iter_sample_batches,
-                              load_reference, make_extractor, sample_batch, write_batch)
-from sddit.extractors import WEIGHTS_ENV, ExtractorError  # noqa: E402
-from pipelines.common import Progress, add_verbose_flag, init_ray, set_verbose  # noqa: E402
+from sddit.checkpoint import load_checkpoint, load_generator, resolve  # noqa: E402
+from sddit.codecs import make_codec  # noqa: E402
+from sddit.evaluation import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan,  # noqa: E402
+                              assemble_samples, check_protocol, compute_metrics, finished_batches,
+                              iter_sample_batches, load_reference, make_extractor, sample_batch,
+                              sampling_network, write_batch)
+from sddit.extractors import WEIGHTS_ENV  # noqa: E402
+from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose  # noqa: E402
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
@@ -68,6 +71,20 @@ def parse_args(argv=None):
                              "a rerun into the same --out must use the same value")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed; sample i is drawn from its own seed (seed, i) (default 0)")
+    parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                        help="guide only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024; EDM2 uses "
+                             "0.28,5.42; REPA's t <= 0.7 on SiT's linear path is sigma <= 2.33) (default: every step)")
+    parser.add_argument("--guidance-channels", type=int, default=None, metavar="K",
+                        help="guide only the first K latent channels, the rest stay conditional (DiT's released "
+                             "numbers use 3 of 4) (default: all channels)")
+    parser.add_argument("--labels", dest="label_mode", default="balanced", choices=sorted(LABEL_MODES),
+                        help="; ".join(f"{k}: {v}" for k, v in LABEL_MODES.items()) + " (default balanced)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the network under bf16 autocast or in fp32; the ODE state stays float64 (default fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network in each sampling actor (one compilation per actor, then "
+                             "faster steps; on a GPU it needs triton); samples differ from eager ones only by "
+                             "floating-point rounding (default: eager)")
     parser.add_argument("--png", action="store_true", help="also write every sample as <out>/png/NNNNNN.png")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address ('auto' for a running cluster; default: local)")
@@ -81,6 +98,14 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {minimum}")
     if args.cfg_scale < 0:
         parser.error(f"--cfg-scale {args.cfg_scale}: must be >= 0")
+    if args.guidance_interval is not None:
+        try:
+            lo, hi = (float(v) for v in args.guidance_interval.split(","))
+        except ValueError:
+            parser.error(f"--guidance-interval {args.guidance_interval!r}: expected LO,HI, e.g. 0.28,5.42")
+        if not 0 <= lo < hi:
+            parser.error(f"--guidance-interval {args.guidance_interval}: needs 0 <= LO < HI")
+        args.guidance_interval = (lo, hi)
     return args
 
 
@@ -93,12 +118,13 @@ class SamplingActor:
 
     def __init__(self, checkpoint: str, plan: dict, use_gpu: bool):
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        _, self.ema, dataset = load_generator(checkpoint, self.device)
+        _, ema, dataset = load_generator(checkpoint, self.device)
         self.codec = make_codec(dataset["codec"], dataset["vae"], device=self.device)
         self.plan = SamplingPlan(**plan)
+        self.network = sampling_network(ema, self.plan)
 
     def sample(self, batch_index: int):
-        images, labels = sample_batch(self.ema, self.codec, batch_index, self.plan, self.device)
+        images, labels = sample_batch(self.network, self.codec, batch_index, self.plan, self.device)
         return batch_index, images, labels
 
 
@@ -144,8 +170,20 @@ def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: l
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def default_out(checkpoint: Path, steps: int, cfg_scale: float) -> Path:
-    return checkpoint.parent / f"eval-{steps}steps-cfg{cfg_scale:g}"
+def default_out(checkpoint: Path, plan: SamplingPlan) -> Path:
+    """<checkpoint dir>/eval-<steps>steps-cfg<scale>, plus a part for each non-default sampling option."""
+    parts = [f"eval-{plan.steps}steps-cfg{plan.cfg_scale:g}"]
+    if plan.guidance_interval is not None:
+        parts.append("interval{:g}-{:g}".format(*plan.guidance_interval))
+    if plan.guidance_channels is not None:
+        parts.append(f"ch{plan.guidance_channels}")
+    if plan.label_mode != "balanced":
+        parts.append(f"labels-{plan.label_mode}")
+    if plan.precision != "fp32":
+        parts.append(plan.precision)
+    if plan.compile:
+        parts.append("compiled")
+    return checkpoint.parent / "-".join(parts)
 
 
 def write_pngs(out: Path, plan: SamplingPlan) -> Path:
@@ -162,7 +200,8 @@ def write_pngs(out: Path, plan: SamplingPlan) -> Path:
     return folder
 
 
-def evaluate(args) -> dict[str, float]:
+def evaluate(args) -> tuple[dict[str, float], Path]:
+    """(metrics, the output directory) of one evaluation."""
     checkpoint = resolve(args.checkpoint).resolve()
     payload = load_checkpoint(checkpoint)
     config, step, dataset = payload["config"], payload["step"], payload.get("dataset") or {}
@@ -171,12 +210,14 @@ def evaluate(args) -> dict[str, float]:
     if missing:
         raise EvaluationError(f"{checkpoint}: its dataset record lacks {missing}; was it written by the train stage?")
     plan = SamplingPlan(args.num_samples, args.batch_size, config.model.num_classes, dataset["latent_shape"],
-                        steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
+                        steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, label_mode=args.label_mode,
+                        guidance_interval=args.guidance_interval, guidance_channels=args.guidance_channels,
+                        precision=args.precision, compile=args.compile)
     model_shape = [config.model.in_channels, config.model.input_size, config.model.input_size]
     if list(plan.latent_shape) != model_shape:
         raise EvaluationError(f"{checkpoint}: dataset latent_shape {list(plan.latent_shape)} does not match the "
                               f"model's [in_channels, input_size, input_size] = {model_shape}")
-    out = Path(args.out) if args.out else default_out(checkpoint, args.steps, args.cfg_scale)
+    out = Path(args.out) if args.out else default_out(checkpoint, plan)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # everything that can fail without a GPU fails here, before any sampling
@@ -208,9 +249,11 @@ def evaluate(args) -> dict[str, float]:
         **protocol,
         "model": config.model.name,
         "sampler": "EDM Heun (2nd order, no churn)",
-        "cfg_channels": "all",
+        "cfg_channels": "all" if plan.guidance_channels is None else f"first {plan.guidance_channels}",
+        "cfg_interval": "every step" if plan.guidance_interval is None else "{:g} < sigma <= {:g}".format(
+            *plan.guidance_interval),
         "weights": "generation EMA",
-        "labels": "balanced (sample i -> class i mod num_classes)" if plan.num_classes else "unconditional",
+        "labels": LABEL_MODES[plan.label_mode] if plan.num_classes else "unconditional",
         "seeds": f"per sample: SeedSequence([{plan.seed}, i])",
         "reference": reference.source,
         "extractor": extractor.name,
@@ -221,10 +264,14 @@ def evaluate(args) -> dict[str, float]:
     if hasattr(extractor, "accuracy"):
         params["extractor_heldout_accuracy"] = extractor.accuracy
     sampled_images = sum(len(plan.batch_indices(b)) for b in todo)
+    if sampled_images:                      # how fast this run sampled (start-up and compilation included)
+        (out / "sampling.json").write_text(json.dumps(
+            {"images": sampled_images, "seconds": sampling_seconds, "images_per_s": sampled_images / sampling_seconds,
+             "precision": plan.precision, "compile": plan.compile}, indent=2))
     log_run(args, params, metrics, out, plan, step=int(step), sampled_images=sampled_images, seconds=sampling_seconds)
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f" (in {out / 'metrics.json'})",
           flush=True)
-    return metrics
+    return metrics, out
 
 
 def log_run(args, params: dict, metrics: dict, out: Path, plan: SamplingPlan, *, step: int, sampled_images: int,
@@ -254,11 +301,8 @@ def log_run(args, params: dict, metrics: dict, out: Path, plan: SamplingPlan, *,
 
 
 def main(argv=None) -> dict[str, float]:
-    return evaluate(parse_args(argv))
+    return evaluate(parse_args(argv))[0]
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (EvaluationError, ExtractorError, DataError, CodecError, CheckpointError, FileNotFoundError) as error:
-        sys.exit(f"evaluate: {error}")
+    run_cli("evaluate", main)

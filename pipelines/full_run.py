@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
 from sddit.config import load_preset  # noqa: E402
-from sddit.data import DataError  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 
 STAGES = ("encode", "tune", "train", "evaluate")
@@ -49,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 500 demo, 50000)")
     parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 12 demo, 40)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for the recognisability check (default 5 demo, 1.5)")
+    parser.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the sampling network under bf16 autocast or in fp32 (default fp32; see evaluate.py)")
+    parser.add_argument("--eval-compile", action="store_true",
+                        help="torch.compile the sampling network (faster on a GPU; default eager; see evaluate.py)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
@@ -146,15 +149,20 @@ def run_stages(args, plan: Plan, ray) -> dict:
             raise ConfigError("stages", "evaluate needs the train stage in the same run (its checkpoint)")
         start = stage_started("evaluate")
         evaluation = ["--num-samples", str(plan.eval_samples), "--steps", str(plan.eval_steps),
-                      "--extractor", plan.extractor] + (["--reference", args.reference] if args.reference else []) + (
+                      "--extractor", plan.extractor, "--precision", args.eval_precision] + (
+            ["--compile"] if args.eval_compile else []) + (["--reference", args.reference] if args.reference else []) + (
             ["--inception-weights", args.inception_weights] if args.inception_weights else []) + common
+
+        def evaluated(source, cfg_scale: float) -> tuple[dict, Path]:
+            return evaluate.evaluate(evaluate.parse_args(["--checkpoint", str(source), "--cfg-scale", f"{cfg_scale:g}"]
+                                                         + evaluation))
+
         # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability
-        summary["metrics_cfg1"] = evaluate.main(["--checkpoint", checkpoint, "--cfg-scale", "1"] + evaluation)
-        summary["metrics_cfg"] = evaluate.main(["--checkpoint", checkpoint, "--cfg-scale", str(plan.cfg_scale)] + evaluation)
+        summary["metrics_cfg1"], _ = evaluated(checkpoint, 1.0)
+        summary["metrics_cfg"], guided = evaluated(checkpoint, plan.cfg_scale)
         summary["cfg_scale"] = plan.cfg_scale
-        untrained = untrained_checkpoint(checkpoint, plan.storage / "untrained")
-        summary["metrics_untrained_cfg1"] = evaluate.main(["--checkpoint", str(untrained), "--cfg-scale", "1"] + evaluation)
-        summary["samples"] = str(write_summary_grid(Path(checkpoint), plan))
+        summary["metrics_untrained_cfg1"], _ = evaluated(untrained_checkpoint(checkpoint, plan.storage / "untrained"), 1.0)
+        summary["samples"] = str(write_summary_grid(guided, plan))
         summary["stages"]["evaluate"] = stage_done("evaluate", start)
     return summary
 
@@ -175,15 +183,13 @@ def untrained_checkpoint(trained: str, directory: Path) -> Path:
     return directory
 
 
-def write_summary_grid(checkpoint: Path, plan: Plan) -> Path:
+def write_summary_grid(samples_dir: Path, plan: Plan) -> Path:
     """A row per class from the guided evaluation's samples, next to the run directory."""
     import numpy as np
     import torch
 
-    from sddit.checkpoint import resolve
     from sddit.images import save_grid
-    from pipelines.evaluate import default_out
-    samples = np.load(default_out(resolve(checkpoint), plan.eval_steps, plan.cfg_scale) / "samples.npz")
+    samples = np.load(samples_dir / "samples.npz")
     images, labels = samples["arr_0"], samples["arr_1"]
     classes = sorted(set(labels.tolist()))[:10]
     rows = [images[labels == c][:10] for c in classes]
@@ -195,16 +201,27 @@ def main(argv=None) -> dict:
     import mlflow
 
     from pipelines.common import init_ray
-    from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
+    from pipelines.tracking import PARENT_ENV, params_key, tracking_uri, unfinished_run, use_store
     args = parse_args(argv)
     plan = Plan(args)
     start = time.time()
     ray = init_ray((args.address or "auto") if args.cluster else None)
     uri = tracking_uri(plan.run_dir)
     experiment = use_store(uri)
-    with mlflow.start_run(run_name=f"full_run {plan.name}", tags={"sddit.stage": "pipeline"}) as parent:
-        mlflow.log_params({"preset": args.preset, "stages": args.stages, "cluster": args.cluster,
-                           "data": str(plan.images), "storage": str(plan.storage)})
+    # an interrupted run of the same command is continued: one pipeline run, each stage listed once
+    params = {"preset": args.preset, "stages": args.stages, "cluster": args.cluster, "data": str(plan.images),
+              "storage": str(plan.storage)}
+    tags = {"sddit.stage": "pipeline", "sddit.pipeline_key": params_key(params)}
+    interrupted = unfinished_run(tags)
+    if interrupted is not None:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(interrupted.info.start_time / 1000))
+        print(f"full_run: continuing the interrupted pipeline run {interrupted.info.run_id} (started {started})",
+              flush=True)
+    context = (mlflow.start_run(run_id=interrupted.info.run_id) if interrupted is not None else
+               mlflow.start_run(run_name=f"full_run {plan.name}", tags=tags))
+    with context as parent:
+        if interrupted is None:
+            mlflow.log_params(params)
         os.environ[PARENT_ENV] = parent.info.run_id         # every stage's run becomes a child of this one
         try:
             summary = run_stages(args, plan, ray)
@@ -242,7 +259,4 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as error:
-        sys.exit(f"full_run: {error}")
+    run_cli("full_run", main)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -43,15 +45,42 @@ def use_store(uri: str):
     return experiment
 
 
+def params_key(params: dict) -> str:
+    """A short digest of a run's parameters: what makes two runs of a stage 'the same run'."""
+    text = json.dumps({key: str(value) for key, value in params.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def unfinished_run(tags: dict[str, str]):
+    """The most recent run with these tags that never finished (killed: still RUNNING; or FAILED), or None."""
+    import mlflow
+
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = mlflow.search_runs(filter_string=query + " and attributes.status != 'FINISHED'", output_format="list",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, parent_run_id: str | None = None):
-    """An MLflow run for one stage; a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) if given."""
+    """An MLflow run for one stage; a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) if given. Under a
+    parent, the same stage with the same parameters continues its earlier child, so a pipeline run that is
+    continued after an interruption does not list a stage twice."""
     import mlflow
 
     use_store(tracking_uri(run_dir))
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
-                          tags={"sddit.stage": stage}) as run:
-        if params:
-            mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
+    params = {key: str(value)[:500] for key, value in (params or {}).items()}
+    tags = {"sddit.stage": stage, "sddit.stage_key": params_key(params)}
+    earlier = None
+    if parent:
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in {**tags, "mlflow.parentRunId": parent}.items())
+        earlier = mlflow.search_runs(filter_string=query, output_format="list", max_results=1)
+    if earlier:
+        context = mlflow.start_run(run_id=earlier[0].info.run_id, nested=mlflow.active_run() is not None)
+    else:
+        context = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags)
+    with context as run:
+        if params and not earlier:
+            mlflow.log_params(params)
         yield run

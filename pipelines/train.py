@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from sddit.checkpoint import load_checkpoint  # noqa: E402
 from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
-from sddit.data import DataError, Manifest  # noqa: E402
+from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.models import MODEL_NAMES  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
 # process exit at its first log at or after STEP, once (the marker file records it), like a crash.
@@ -71,9 +71,7 @@ def resolve_config(args):
         overrides.append(f"model.name={args.model}")
     config = apply_overrides(config, overrides)
     manifest = Manifest.read(args.data)
-    for shard in manifest.shards:
-        if not (Path(args.data) / shard["file"]).is_file():
-            raise DataError(f"{Path(args.data) / shard['file']}: shard listed in the manifest is missing")
+    manifest.check_shards(args.data)
     config = fit_to_dataset(config, manifest, args.data)
     if config.optim.batch_size % args.num_workers:
         raise ConfigError("optim.batch_size", f"{config.optim.batch_size} is not divisible by {args.num_workers} workers")
@@ -280,7 +278,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
-        sys.exit(f"train: {error}")
+    run_cli("train", main)

@@ -198,13 +198,22 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name_or_path: str | Path) -> Config:
-    """A shipped preset by name ('demo', 'imagenet256-XL2') or a YAML file by path."""
+    """A shipped preset by name ('demo', 'imagenet256-XL2') or a YAML file by path. A preset may start from
+    another (`base: NAME`) and set only the fields it changes."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
         _check(path.exists(), "preset", f"unknown preset {str(name_or_path)!r}; available: {', '.join(preset_names())}")
     _check(path.exists(), "preset", f"no such file: {path}")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    if base is None:
+        return config_from_dict(data)
+    merged = load_preset(base).to_dict()
+    for section, fields in data.items():
+        _check(section in merged and isinstance(fields, dict), section, f"{path}: unknown section")
+        merged[section].update(fields)
+    return config_from_dict(merged)
 
 
 def apply_overrides(config: Config, assignments: list[str]) -> Config:

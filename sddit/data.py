@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from sddit.errors import StorageError
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST = "manifest.json"
 SHARD_METADATA_KEY = b"sddit.shard"
@@ -131,27 +133,39 @@ def load_image(path: str | Path, resolution: int) -> tuple[np.ndarray | None, st
 # Shards: Arrow schema with native fixed-shape tensors, atomic writes
 # ---------------------------------------------------------------------------------------------
 
-def shard_schema(column: str, shape: tuple[int, ...], dtype: str) -> pa.Schema:
+FEATURES_COLUMN = "repa_features"           # an external encoder's patch tokens, float16 [T, D] (REPA)
+
+
+def shard_schema(column: str, shape: tuple[int, ...], dtype: str, features_shape=None) -> pa.Schema:
     value_type = {"float16": pa.float16(), "uint8": pa.uint8()}[dtype]
-    return pa.schema([
+    fields = [
         pa.field(column, pa.fixed_shape_tensor(value_type, list(shape))),
         pa.field("label", pa.int64()),
         pa.field("flipped", pa.bool_()),
         pa.field("image_id", pa.string()),
-    ])
+    ]
+    if features_shape is not None:
+        fields.append(pa.field(FEATURES_COLUMN, pa.fixed_shape_tensor(pa.float16(), list(features_shape))))
+    return pa.schema(fields)
 
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def shard_table(schema: pa.Schema, values: np.ndarray, labels, flipped, image_ids, metadata: dict) -> pa.Table:
+def _tensor_array(tensor_type, values: np.ndarray):
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(tensor_type.shape)))
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
+
+
+def shard_table(schema: pa.Schema, values: np.ndarray, labels, flipped, image_ids, metadata: dict,
+                features: np.ndarray | None = None) -> pa.Table:
     """One shard; `metadata` (skips and conversions of its images) rides in the Parquet footer, so it
     is written atomically with the rows it describes."""
-    tensor_type = schema.field(0).type
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(tensor_type.shape)))
-    columns = [pa.ExtensionArray.from_storage(tensor_type, storage), pa.array(labels, pa.int64()),
+    columns = [_tensor_array(schema.field(0).type, values), pa.array(labels, pa.int64()),
                pa.array(flipped, pa.bool_()), pa.array(image_ids, pa.string())]
+    if features is not None:
+        columns.append(_tensor_array(schema.field(FEATURES_COLUMN).type, features))
     return pa.Table.from_arrays(columns, schema=schema.with_metadata({SHARD_METADATA_KEY: json.dumps(metadata).encode()}))
 
 
@@ -164,9 +178,25 @@ def write_atomically(path: str | Path, write) -> Path:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as error:
+        kept = "the previous version is unchanged" if path.exists() else "nothing was written there"
+        failure = StorageError(f"{path}: could not write it ({error.strerror or error}); {kept}")
+        failure.errno = error.errno
+        raise failure from error
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_shard(path: Path, columns: list[str]) -> pa.Table:
+    """The columns of one shard; a missing, truncated or corrupt file is a DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: shard listed in the manifest is missing")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: unreadable shard ({error}); re-encode it (rerun pipelines/encode.py into a "
+                        f"fresh --out)") from error
 
 
 def file_sha256(path: Path) -> str:
@@ -215,6 +245,8 @@ class EncodeSettings:
     flip: bool
     limit_per_class: int | None
     rows_per_shard: int
+    repa_encoder: str | None = None         # external features (REPA): the encoder and its weights' checksum
+    repa_weights_sha256: str | None = None
 
 
 @dataclass
@@ -231,6 +263,8 @@ class Manifest:
     conversions: dict[str, int] = field(default_factory=dict)
     code_version: str = ""
     format_version: int = FORMAT_VERSION
+    # external features for REPA: {"column", "encoder", "weights_sha256", "shape": [T, D]}; None: not encoded
+    features: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -251,3 +285,18 @@ class Manifest:
             return cls(**data)
         except (ValueError, TypeError, KeyError) as error:
             raise DataError(f"{path}: not a valid sddit manifest ({error})") from error
+
+    def check_shards(self, directory: str | Path) -> None:
+        """Every listed shard exists, its Parquet footer reads and holds the listed rows: a cheap check
+        (footers only) that catches a missing or truncated shard before any worker starts."""
+        for shard in self.shards:
+            path = Path(directory) / shard["file"]
+            if not path.is_file():
+                raise DataError(f"{path}: shard listed in the manifest is missing")
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise DataError(f"{path}: unreadable shard, truncated or not Parquet ({error}); re-encode the "
+                                f"dataset (pipelines/encode.py into a fresh --out)") from error
+            if rows != shard["rows"]:
+                raise DataError(f"{path}: {rows} rows, but the manifest lists {shard['rows']}; re-encode the dataset")

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
     def __reduce__(self):
         # rebuild from (field, message): exceptions cross process boundaries (Ray tasks, Tune trials) pickled
         return type(self), (self.field, self.message)
+
+
+class StorageError(OSError):
+    """A file could not be written (disk full, quota, permissions); the message names the file and says
+    that the previous version of it, if any, is unchanged."""

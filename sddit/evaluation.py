@@ -3,7 +3,10 @@
 The protocol follows DiT / MaskDiT / SD-DiT: N samples from the generation EMA with the EDM Heun
 sampler, classifier-free guidance on all channels, labels balanced over the classes, images
 quantised as DiT does and stored in ADM's `samples.npz` layout, then FID / sFID / IS / precision /
-recall against a reference with ADM's conventions (see sddit.metrics).
+recall against a reference with ADM's conventions (see sddit.metrics). The conventions other papers
+report with are options of the plan, recorded with the samples: guidance only inside a sigma
+interval, guidance on the first channels only (DiT's released numbers), exactly N/K samples per
+class or uniformly random labels; and how the network runs (bf16 autocast, torch.compile).
 
 Reproducibility: sample i is drawn from its own seed (seed, i) and gets label i mod K, so a sample
 does not depend on which worker drew it or on how many batches came before; each finished batch is
@@ -13,15 +16,14 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from sddit.codecs import make_codec
-from sddit.data import Manifest, file_sha256, read_tensor_column, write_atomically
+from sddit.data import Manifest, file_sha256, read_shard, read_tensor_column, write_atomically
 from sddit.diffusion import edm_sample
 from sddit.extractors import DomainExtractor, InceptionExtractor
 from sddit.images import to_uint8
@@ -59,9 +61,16 @@ class SamplingPlan:
     sigma_max: float = 80.0
     rho: float = 7.0
     seed: int = 0
+    label_mode: str = "balanced"            # see LABEL_MODES
+    guidance_interval: tuple[float, float] | None = None   # guide only at lo < sigma <= hi
+    guidance_channels: int | None = None    # guide only the first k channels (None: all)
+    precision: str = "fp32"                 # fp32 | bf16 (autocast around the network)
+    compile: bool = False                   # torch.compile the network
 
     def __post_init__(self):
         object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         for name in ("num_samples", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise EvaluationError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -69,6 +78,19 @@ class SamplingPlan:
             raise EvaluationError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.cfg_scale < 0:
             raise EvaluationError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.label_mode not in LABEL_MODES:
+            raise EvaluationError(f"label_mode {self.label_mode!r}: expected one of {', '.join(LABEL_MODES)}")
+        if self.label_mode == "exact" and self.num_classes and self.num_samples % self.num_classes:
+            raise EvaluationError(f"label_mode 'exact' needs num_samples divisible by the {self.num_classes} "
+                                  f"classes, got {self.num_samples}")
+        interval = self.guidance_interval
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
+            raise EvaluationError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
+        if self.guidance_channels is not None and not 1 <= self.guidance_channels <= self.latent_shape[0]:
+            raise EvaluationError(f"guidance_channels must be in 1..{self.latent_shape[0]} (the latent's channels), "
+                                  f"got {self.guidance_channels}")
+        if self.precision not in ("fp32", "bf16"):
+            raise EvaluationError(f"precision {self.precision!r}: expected fp32 or bf16")
 
     @property
     def num_batches(self) -> int:
@@ -81,6 +103,9 @@ class SamplingPlan:
         return np.arange(start, min(start + self.batch_size, self.num_samples))
 
     def labels(self, indices: np.ndarray) -> np.ndarray | None:
+        if self.label_mode == "random" and self.num_classes:
+            return np.array([np.random.default_rng([self.seed, int(i), LABEL_STREAM]).integers(self.num_classes)
+                             for i in indices], dtype=np.int64)
         return balanced_labels(indices, self.num_classes)
 
     def noise(self, indices: np.ndarray) -> torch.Tensor:
@@ -92,7 +117,17 @@ class SamplingPlan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["latent_shape"] = list(self.latent_shape)
+        if self.guidance_interval is not None:
+            data["guidance_interval"] = list(self.guidance_interval)
         return data
+
+
+LABEL_MODES = {
+    "balanced": "sample i asks for class i mod K (every prefix of the samples covers the classes evenly)",
+    "exact": "as balanced, and N must be a multiple of K: exactly N/K samples per class (REPA-E, LightningDiT)",
+    "random": "labels drawn uniformly at random per sample (ADM's and DiT's sample_ddp)",
+}
+LABEL_STREAM = 1                            # random labels draw from (seed, i, 1); the noise from (seed, i)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -106,14 +141,32 @@ def balanced_labels(indices, num_classes: int) -> np.ndarray | None:
     return None if num_classes == 0 else (np.asarray(indices) % num_classes).astype(np.int64)
 
 
+def sampling_network(ema, plan: SamplingPlan):
+    """The generation EMA as the plan runs it: under torch.compile and bf16 autocast when it says so.
+    Make it once per process and pass it to `sample_batch`: compiling is the expensive part."""
+    network = torch.compile(ema, dynamic=False) if plan.compile else ema
+    if plan.precision == "fp32":
+        return network
+
+    def bf16(x, sigma, labels):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return network(x, sigma, labels)
+    return bf16
+
+
 @torch.no_grad()
-def sample_batch(ema, codec, batch_index: int, plan: SamplingPlan, device="cpu"):
-    """(uint8 NHWC images, labels or None) of one batch: Heun sampling, decoding, DiT's quantisation."""
+def sample_batch(network, codec, batch_index: int, plan: SamplingPlan, device="cpu"):
+    """(uint8 NHWC images, labels or None) of one batch: Heun sampling, decoding, DiT's quantisation.
+    `network` is the generation EMA or what `sampling_network` made of it. Guided steps run the
+    conditional and unconditional halves as one batch, the null class being the label embedder's
+    extra row (index K)."""
     indices = plan.batch_indices(batch_index)
     labels = plan.labels(indices)
     y = None if labels is None else torch.from_numpy(labels).to(device)
-    latent = edm_sample(ema, plan.noise(indices).to(device), y, steps=plan.steps, sigma_min=plan.sigma_min,
-                        sigma_max=plan.sigma_max, rho=plan.rho, cfg_scale=plan.cfg_scale)
+    latent = edm_sample(network, plan.noise(indices).to(device), y, steps=plan.steps, sigma_min=plan.sigma_min,
+                        sigma_max=plan.sigma_max, rho=plan.rho, cfg_scale=plan.cfg_scale,
+                        guidance_interval=plan.guidance_interval, guidance_channels=plan.guidance_channels,
+                        null_label=plan.num_classes or None)
     return to_uint8(codec.decode(latent.float())), labels
 
 
@@ -155,6 +208,9 @@ def check_protocol(out: str | Path, protocol: dict) -> None:
     path = out / PROTOCOL_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
+        # a protocol written before an option existed was drawn with that option's default
+        defaults = {f.name: f.default for f in fields(SamplingPlan) if f.default is not MISSING}
+        previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
         changed = {k: (previous.get(k), v) for k, v in protocol.items() if previous.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: existing {old!r} vs requested {new!r}" for k, (old, new) in changed.items())
@@ -219,7 +275,7 @@ def dataset_images(directory: str | Path, codec, *, rows=None, batch_size: int =
         count = shard["rows"]
         selected = np.ones(count, dtype=bool) if rows is None else np.asarray(rows[start:start + count])
         if selected.any():
-            table = pq.read_table(directory / shard["file"], columns=[manifest.column, "label", "image_id"])
+            table = read_shard(directory / shard["file"], [manifest.column, "label", "image_id"])
             take = np.flatnonzero(selected)
             stored = read_tensor_column(table, manifest.column)[take]
             labels = table.column("label").to_numpy()[take]
@@ -234,7 +290,7 @@ def dataset_images(directory: str | Path, codec, *, rows=None, batch_size: int =
 
 
 def _flipped_mask(directory: Path, manifest: Manifest) -> np.ndarray:
-    return np.concatenate([pq.read_table(directory / s["file"], columns=["flipped"]).column("flipped")
+    return np.concatenate([read_shard(directory / s["file"], ["flipped"]).column("flipped")
                            .to_numpy(zero_copy_only=False) for s in manifest.shards]).astype(bool)
 
 

@@ -1,7 +1,8 @@
 """One batch's training loss, and the updates that follow a successful optimiser step.
 
 `training_loss` is the single place where DiT, MaskDiT and SD-DiT differ at training time, and
-only through the model's configuration (mask ratio, mask token, MAE weight, discriminative weight).
+only through the model's configuration (mask ratio, mask token, MAE weight, discriminative weight,
+REPA weight).
 """
 from __future__ import annotations
 
@@ -52,9 +53,28 @@ def mae_patch_loss(denoised, target_image, masked, patch_size: int):
     return ((err * masked).sum(dim=1) / masked.sum(dim=1)).mean()
 
 
+def on_token_grid(features, num_patches: int):             # [N, T, D] -> [N, L, D]
+    """External features resampled (bilinear) onto the DiT's token grid when the two grids differ."""
+    if features.shape[1] == num_patches:
+        return features
+    n, t, d = features.shape
+    side, target = int(round(t ** 0.5)), int(round(num_patches ** 0.5))
+    grid = features.transpose(1, 2).reshape(n, d, side, side)
+    grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
+    return grid.reshape(n, d, num_patches).transpose(1, 2)
+
+
+def repa_loss(aligned, features, ids_keep=None):
+    """REPA's term: minus the mean cosine similarity between each visible token's projection [N, K, D] and
+    the external feature of the clean image at the same position [N, L, D]."""
+    target = features if ids_keep is None else gather_tokens(features, ids_keep)
+    return -(F.normalize(aligned.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1).mean()
+
+
 def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: DiscriminationConfig,
-                  teacher_temp: float, generator: torch.Generator | None = None) -> LossOutput:
-    """x0: clean latents [N, C, H, W]; labels: [N] int64 (ignored for unconditional models)."""
+                  teacher_temp: float, generator: torch.Generator | None = None, features=None) -> LossOutput:
+    """x0: clean latents [N, C, H, W]; labels: [N] int64 (ignored for unconditional models); features: the
+    external encoder's features of the clean images [N, T, D] (REPA only)."""
     net = unwrap(model)
     cfg = net.config
     n_batch, device = x0.shape[0], x0.device
@@ -110,6 +130,14 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
                          student_temp=disc.student_temp, teacher_temp=teacher_temp)
         parts.update(terms)
         loss = loss + cfg.disc_weight * (disc.cls_weight * terms["loss_cls"] + disc.patch_weight * terms["loss_patch"])
+
+    # representation alignment: the student's visible tokens at the tap vs. the clean image's external
+    # features (with a mask, the encoder has no token at the other positions to align)
+    if net.projector is not None:
+        if features is None:
+            raise ValueError("model.repa_weight > 0 needs the external features of the batch")
+        parts["loss_repa"] = repa_loss(out.aligned, on_token_grid(features, net.num_patches), ids_keep)
+        loss = loss + cfg.repa_weight * parts["loss_repa"]
 
     parts = {key: value.detach() for key, value in parts.items()}
     parts["loss"] = loss.detach()

@@ -50,15 +50,16 @@ class StepResult:
 
 
 def train_step(model, optimizer, generation_ema, x0, labels, *, step: int, config: Config,
-               schedules: Schedules, generator: torch.Generator | None = None) -> StepResult:
-    """One optimiser step on a batch of clean latents x0 [N, C, H, W] with labels [N].
+               schedules: Schedules, generator: torch.Generator | None = None, features=None) -> StepResult:
+    """One optimiser step on a batch of clean latents x0 [N, C, H, W] with labels [N] (and, for REPA, the
+    external features of the clean images [N, T, D]).
 
     Nothing here waits for the device: callers read `parts` / `applied` when they log.
     """
     # forward and backward
     with autocast(config, x0.device):
         out = training_loss(model, x0, labels, diffusion=config.diffusion, disc=config.disc,
-                            teacher_temp=float(schedules.teacher_temp[step]), generator=generator)
+                            teacher_temp=float(schedules.teacher_temp[step]), generator=generator, features=features)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
 
@@ -115,8 +116,18 @@ def fit_to_dataset(config: Config, manifest: Manifest, directory) -> Config:
         raise DataError(f"{where}: dataset resolution {manifest.settings.resolution} but the config expects "
                         f"data.resolution={config.data.resolution}")
     channels, size, _ = manifest.latent_shape
+    repa = {}
+    if config.model.repa_weight > 0:
+        if manifest.features is None:
+            raise DataError(f"{where}: model.repa_weight > 0 but the dataset has no external features; encode it "
+                            f"with pipelines/encode.py --repa-encoder {config.model.repa_encoder} (or set "
+                            f"model.repa_weight=0)")
+        if manifest.features["encoder"] != config.model.repa_encoder:
+            raise DataError(f"{where}: the dataset's features come from {manifest.features['encoder']!r} but the "
+                            f"config aligns with model.repa_encoder={config.model.repa_encoder!r}")
+        repa = {"repa_feature_dim": manifest.features["shape"][1]}
     config.model = dataclasses.replace(config.model, in_channels=channels, input_size=size,
-                                       num_classes=manifest.num_classes).validate()
+                                       num_classes=manifest.num_classes, **repa).validate()
     return config
 
 
@@ -191,7 +202,7 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
 
     # load data: this rank's share of the shards, with the model shaped after the dataset
     loader = LatentLoader(data_dir, rank=rank, world_size=world_size, batch_size=per_rank_batch,
-                          seed=config.train.seed, device=device)
+                          seed=config.train.seed, device=device, features=config.model.repa_weight > 0)
     config = fit_to_dataset(config, loader.manifest, data_dir)
 
     # build the model, optimiser and EMAs; restore a checkpoint's state if resuming
@@ -220,9 +231,9 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     metrics: dict = {}
     while step < config.train.steps:
         # one optimiser step (gradient, AdamW, teacher EMA, centres, generation EMA), all on the device
-        x0, labels = loader.batch(step)
+        x0, labels, features = loader.batch(step)
         result = train_step(net, optimizer, ema, x0, labels, step=step, config=config, schedules=schedules,
-                            generator=step_generator(config.train.seed, rank, step, device))
+                            generator=step_generator(config.train.seed, rank, step, device), features=features)
         bad_streak = torch.where(result.applied, torch.zeros_like(bad_streak), bad_streak + 1)
         worst_streak = torch.maximum(worst_streak, bad_streak)
         skipped += ~result.applied

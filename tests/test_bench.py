@@ -32,5 +32,20 @@ def test_gpu_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path):
     assert all(0 < row["mfu"] for row in report["training"])
     assert "S/8" in report["sddit_over_dit"]
     assert report["vae_encode"]["img_per_s"] > 0
-    assert report["sampling"][0]["network_evaluations"] == 6  # 2 Heun steps (3 evaluations) x CFG
+    assert [row["network_evaluations"] for row in report["sampling"]] == [6, 6]  # 2 Heun steps (3 evaluations) x CFG
+    assert [row["cfg_batched"] for row in report["sampling"]] == [False, True]
+    assert all(row["tflops"] > 0 for row in report["sampling"])
     assert "| SD-DiT-S/8 |" in next(tmp_path.glob("gpu-*.md")).read_text()
+
+
+def test_step_time_bench_times_the_repa_term(tmp_path):
+    out = tmp_path / "step_time.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
+                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--repa",
+                    "--out", str(out)], check=True, capture_output=True)
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert [row["model"] for row in record["rows"]] == ["DiT-S/8", "DiT-S/8 + REPA", "MaskDiT-S/8",
+                                                        "MaskDiT-S/8 + REPA", "SD-DiT-S/8", "SD-DiT-S/8 + REPA"]
+    for base, repa in zip(record["rows"][0::2], record["rows"][1::2]):
+        assert repa["gflops_per_image"] > base["gflops_per_image"] and repa["student_params_m"] > base["student_params_m"]
+    assert set(record["repa_over_plain_step_time"]) == {"DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"}

@@ -119,3 +119,83 @@ def test_model_denoiser_runs_in_sampler(tiny):
     noise = torch.randn(3, 2, 8, 8)
     x = edm_sample(model.denoiser, noise, torch.tensor([0, 1, 2]), steps=3, cfg_scale=2.0)
     assert torch.isfinite(x).all() and x.shape == noise.shape
+
+
+# --- guidance conventions ------------------------------------------------------------------------------------
+
+def label_mean(labels):
+    return 0.0 if labels is None else labels.double().view(-1, 1, 1, 1)
+
+
+def counting(denoiser, calls):
+    def D(x, sigma, labels):
+        calls.append((float(sigma), labels))
+        return denoiser(x, sigma, labels)
+    return D
+
+
+def test_guidance_interval_guides_only_the_noise_levels_inside_it():
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 2, 3])
+    conditional = gaussian_denoiser(label_mean, 0.3)
+    steps, lo, hi = 8, 0.5, 10.0
+    calls = []
+    inside = edm_sample(counting(conditional, calls), noise, labels, steps=steps, cfg_scale=3.0,
+                        guidance_interval=(lo, hi))
+    t = karras_sigmas(steps).tolist()
+    evaluated = t[:steps] + t[1:steps]                      # the Euler and the correction evaluations
+    assert sorted(s for s, y in calls if y is None) == sorted(s for s in evaluated if lo < s <= hi)
+    assert sum(y is not None for _, y in calls) == len(evaluated)
+    unguided = edm_sample(conditional, noise, labels, steps=steps)
+    guided = edm_sample(conditional, noise, labels, steps=steps, cfg_scale=3.0)
+    assert not torch.allclose(inside, unguided) and not torch.allclose(inside, guided)
+    # an interval around every step is plain guidance; one around none is no guidance
+    assert torch.equal(edm_sample(conditional, noise, labels, steps=steps, cfg_scale=3.0,
+                                  guidance_interval=(0.0, 100.0)), guided)
+    assert torch.equal(edm_sample(conditional, noise, labels, steps=steps, cfg_scale=3.0,
+                                  guidance_interval=(100.0, 200.0)), unguided)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        edm_sample(conditional, noise, labels, steps=2, cfg_scale=3.0, guidance_interval=(5.0, 1.0))
+
+
+def test_guidance_on_the_first_channels_leaves_the_others_conditional():
+    # a per-channel denoiser: channel c of the flow only sees channel c, so each channel is either
+    # the guided or the unguided solution
+    noise = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([0, 1, 2, 3])
+    conditional = gaussian_denoiser(label_mean, 0.3)
+    partial = edm_sample(conditional, noise, labels, steps=6, cfg_scale=2.5, guidance_channels=3)
+    guided = edm_sample(conditional, noise, labels, steps=6, cfg_scale=2.5)
+    unguided = edm_sample(conditional, noise, labels, steps=6)
+    assert torch.equal(partial[:, :3], guided[:, :3])
+    assert torch.equal(partial[:, 3:], unguided[:, 3:])
+
+
+def test_batched_conditional_and_null_halves_equal_two_calls():
+    null = 9
+
+    def with_null(labels):
+        return 0.0 if labels is None else torch.where(labels == null, 0, labels).double().view(-1, 1, 1, 1)
+
+    calls = []
+    D = counting(gaussian_denoiser(with_null, 0.3), calls)
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([0, 1, 2, 3])
+    two_calls = edm_sample(gaussian_denoiser(with_null, 0.3), noise, labels, steps=5, cfg_scale=2.0)
+    batched = edm_sample(D, noise, labels, steps=5, cfg_scale=2.0, null_label=null)
+    assert torch.allclose(batched, two_calls, atol=1e-12)
+    assert all(y is not None and len(y) == 8 and (y[4:] == null).all() for _, y in calls)   # one forward of 2N
+
+
+def test_model_batched_guidance_matches_separate_calls(tiny):
+    from sddit.models import build_from_config
+    config = tiny().model
+    model = build_from_config(config).eval()
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    noise = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 1, 2])
+    separate = edm_sample(model.denoiser, noise, labels, steps=3, cfg_scale=2.0)
+    batched = edm_sample(model.denoiser, noise, labels, steps=3, cfg_scale=2.0, null_label=config.num_classes)
+    assert torch.allclose(batched, separate, atol=1e-4)

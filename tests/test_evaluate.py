@@ -83,6 +83,104 @@ def test_plan_labels_are_balanced_and_noise_does_not_depend_on_batching():
         SamplingPlan(4, 0, 3, [1, 2, 2])
 
 
+def test_plan_label_modes():
+    exact = SamplingPlan(num_samples=12, batch_size=5, num_classes=3, latent_shape=[2, 4, 4], label_mode="exact")
+    balanced = SamplingPlan(num_samples=12, batch_size=5, num_classes=3, latent_shape=[2, 4, 4])
+    assert np.array_equal(exact.labels(np.arange(12)), balanced.labels(np.arange(12)))
+    with pytest.raises(EvaluationError, match="'exact' needs num_samples divisible by the 3 classes, got 10"):
+        SamplingPlan(num_samples=10, batch_size=5, num_classes=3, latent_shape=[2, 4, 4], label_mode="exact")
+    random = SamplingPlan(num_samples=300, batch_size=7, num_classes=3, latent_shape=[2, 4, 4], label_mode="random")
+    drawn = random.labels(np.arange(300))
+    assert set(drawn.tolist()) == {0, 1, 2} and not np.array_equal(drawn, balanced.labels(np.arange(300)))
+    assert np.array_equal(random.labels(np.arange(100, 110)), drawn[100:110])      # per sample, not per batch
+    again = SamplingPlan(num_samples=300, batch_size=7, num_classes=3, latent_shape=[2, 4, 4], label_mode="random",
+                         seed=1)
+    assert not np.array_equal(again.labels(np.arange(300)), drawn)
+    with pytest.raises(EvaluationError, match="label_mode 'uniform'"):
+        SamplingPlan(4, 2, 3, [1, 2, 2], label_mode="uniform")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guidance_interval", (2.0, 1.0), "guidance_interval must be"),
+    ("guidance_channels", 5, r"guidance_channels must be in 1\.\.4"),
+    ("precision", "fp16", "precision 'fp16'"),
+])
+def test_plan_refuses_bad_sampling_options(field, value, message):
+    with pytest.raises(EvaluationError, match=message):
+        SamplingPlan(4, 2, 3, [4, 2, 2], **{field: value})
+
+
+def test_plan_options_name_the_default_output_and_reach_the_protocol():
+    from pipelines.evaluate import default_out
+    ckpt = Path("/runs/x/checkpoint.pt")
+    assert default_out(ckpt, SamplingPlan(4, 2, 3, [4, 2, 2], steps=40, cfg_scale=1.5)) == Path("/runs/x/eval-40steps-cfg1.5")
+    plan = SamplingPlan(4, 2, 3, [4, 2, 2], steps=40, cfg_scale=1.5, guidance_interval=(0.28, 5.42),
+                        guidance_channels=3, label_mode="random", precision="bf16", compile=True)
+    assert default_out(ckpt, plan).name == "eval-40steps-cfg1.5-interval0.28-5.42-ch3-labels-random-bf16-compiled"
+    protocol = plan.to_dict()
+    assert protocol["guidance_interval"] == [0.28, 5.42] and protocol["label_mode"] == "random"
+    assert SamplingPlan(**json.loads(json.dumps(protocol))) == plan       # what the actors rebuild from
+
+
+def test_evaluate_flags_parse_the_conventions():
+    from pipelines.evaluate import parse_args
+    args = parse_args(["--checkpoint", "c", "--guidance-interval", "0.28,5.42", "--guidance-channels", "3",
+                       "--labels", "exact", "--precision", "bf16", "--compile"])
+    assert (args.guidance_interval, args.guidance_channels, args.label_mode, args.precision, args.compile) == (
+        (0.28, 5.42), 3, "exact", "bf16", True)
+    for bad in ("5", "a,b", "3,1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--checkpoint", "c", "--guidance-interval", bad])
+
+
+def test_samples_of_an_older_protocol_file_are_reused_unless_an_option_differs(tmp_path):
+    from sddit.evaluation import check_protocol
+    plan = SamplingPlan(4, 2, 3, [4, 2, 2])
+    old = {k: v for k, v in plan.to_dict().items()
+           if k not in ("label_mode", "guidance_interval", "guidance_channels", "precision", "compile")}
+    (tmp_path / "protocol.json").write_text(json.dumps(old))   # written before these options existed
+    check_protocol(tmp_path, plan.to_dict())
+    with pytest.raises(EvaluationError, match="label_mode: existing 'balanced' vs requested 'random'"):
+        check_protocol(tmp_path, SamplingPlan(4, 2, 3, [4, 2, 2], label_mode="random").to_dict())
+
+
+def perturbed_denoiser(num_classes=3):
+    from sddit.models import build_from_config
+    torch.manual_seed(0)
+    model = build_from_config(tiny_config("SD-DiT-S/2", in_channels=3, num_classes=num_classes).model).eval()
+    with torch.no_grad():                               # away from the zero-initialised output layers
+        for p in model.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.denoiser.requires_grad_(False)
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_is_not_the_same_computation():
+    from sddit.codecs import make_codec
+    from sddit.evaluation import sample_batch, sampling_network
+    ema, codec = perturbed_denoiser(), make_codec("pixel", None)
+    fp32 = SamplingPlan(8, 8, 3, [3, 8, 8], steps=3, cfg_scale=2.0)
+    bf16 = SamplingPlan(8, 8, 3, [3, 8, 8], steps=3, cfg_scale=2.0, precision="bf16")
+    x32, _ = sample_batch(sampling_network(ema, fp32), codec, 0, fp32)
+    x16, _ = sample_batch(sampling_network(ema, bf16), codec, 0, bf16)
+    difference = np.abs(x32.astype(int) - x16.astype(int))
+    assert difference.max() > 0 and difference.mean() < 2.0      # rounding, on a 0..255 scale
+
+
+@pytest.mark.slow
+def test_compiled_sampling_matches_eager():
+    from sddit.codecs import make_codec
+    from sddit.evaluation import sample_batch, sampling_network
+    ema, codec = perturbed_denoiser(), make_codec("pixel", None)
+    eager = SamplingPlan(8, 4, 3, [3, 8, 8], steps=3, cfg_scale=2.0, guidance_interval=(0.1, 10.0))
+    compiled = SamplingPlan(8, 4, 3, [3, 8, 8], steps=3, cfg_scale=2.0, guidance_interval=(0.1, 10.0), compile=True)
+    network = sampling_network(ema, compiled)
+    for batch in range(2):
+        a, labels_a = sample_batch(sampling_network(ema, eager), codec, batch, eager)
+        b, labels_b = sample_batch(network, codec, batch, compiled)
+        assert np.array_equal(labels_a, labels_b)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 # --- Inception ---------------------------------------------------------------------------------------------------
 
 def test_sfid_hook_captures_mixed_6d_branch1x1(random_inception):

@@ -264,3 +264,76 @@ def test_maskdit_mask_token_has_the_decoder_width():
         decoder.mask_token.fill_(3.0)
         b = model.denoiser.denoise(x, sigma, torch.tensor([0, 1]), keep)[0]
     assert not torch.allclose(a, b)                  # the invisible positions are the mask token's
+
+
+# --- REPA ------------------------------------------------------------------------------------------------------
+
+def test_repa_term_by_hand():
+    from sddit.objective import on_token_grid, repa_loss
+    aligned = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])                       # two visible tokens
+    features = torch.tensor([[[5.0, 5.0], [1.0, 1.0], [9.0, 9.0], [0.0, -2.0]]])   # four positions
+    keep = torch.tensor([[1, 3]])
+    # cos((2, 0), (1, 1)) = 1/sqrt(2); cos((0, 3), (0, -2)) = -1
+    assert repa_loss(aligned, features, keep).item() == pytest.approx(-(2 ** -0.5 - 1) / 2)
+    assert repa_loss(features, features).item() == pytest.approx(-1.0)
+    # a 2x2 grid of features onto a 4x4 token grid: same grid unchanged, a constant stays constant
+    assert on_token_grid(features, 4) is features
+    constant = torch.full((1, 4, 3), 0.7)
+    assert torch.allclose(on_token_grid(constant, 16), torch.full((1, 16, 3), 0.7))
+    ramp = torch.tensor([[[0.0], [1.0], [0.0], [1.0]]])                       # left column 0, right column 1
+    resampled = on_token_grid(ramp, 16).reshape(4, 4)
+    assert torch.equal(resampled[:, 0], torch.zeros(4)) and torch.equal(resampled[:, 3], torch.ones(4))
+    assert (resampled.diff(dim=1) >= 0).all()
+
+
+def repa_config(name="SD-DiT-S/2", **extra):
+    return tiny_config(name, repa_weight=0.5, repa_depth=1, repa_projector_size=16, repa_feature_dim=6, **extra)
+
+
+def features_for(n=8, tokens=16, dim=6, seed=3):
+    return torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "MaskDiT-S/2", "SD-DiT-S/2"])
+def test_repa_adds_its_term_to_every_family(name):
+    config = repa_config(name)
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    x0, y = batch()
+    plain = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                          generator=torch.Generator().manual_seed(1), features=features_for())
+    assert -1.0 <= plain.parts["loss_repa"].item() <= 1.0
+    others = sum(v for k, v in plain.parts.items() if k in ("loss_gen", "loss_cls", "loss_patch"))
+    others = others + (0.1 * plain.parts["loss_mae"] if "loss_mae" in plain.parts else 0)
+    assert torch.allclose(plain.parts["loss"], others + 0.5 * plain.parts["loss_repa"])
+    # features on a coarser grid (2x2 for a 4x4 token grid) are resampled, not refused
+    coarse = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                           generator=torch.Generator().manual_seed(1), features=features_for(tokens=4))
+    assert torch.isfinite(coarse.parts["loss_repa"])
+    with pytest.raises(ValueError, match="repa_weight > 0 needs the external features"):
+        training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09)
+
+
+def test_repa_gradient_reaches_the_tapped_blocks_and_the_projector_only():
+    from sddit.diffusion import sample_sigma
+    from sddit.models.dit import random_keep
+    from sddit.objective import repa_loss
+    config = repa_config()                                  # depth 2, tapped after block 1, mask ratio 0.2
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    with torch.no_grad():                                   # nonzero adaLN gates, so every block passes gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x0, y = batch()
+    keep = random_keep(8, model.num_patches, config.model.mask_ratio, generator=torch.Generator().manual_seed(0))
+    out = model(x0 + sample_sigma(8) * torch.randn_like(x0), sample_sigma(8), y, keep)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(repa_loss(out.aligned, features_for(), keep), [p for _, p in named], allow_unused=True)
+    reached = {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    assert any(k.startswith("projector.") for k in reached)
+    assert any(k.startswith("denoiser.net.encoder.blocks.0.") for k in reached)
+    assert "denoiser.net.encoder.x_embedder.proj.weight" in reached
+    assert not any(k.startswith(("denoiser.net.encoder.blocks.1.", "denoiser.net.decoder.", "head.", "teacher."))
+                   for k in reached)
+    # and the generation EMA (what sampling uses) holds no projector
+    assert not any("projector" in k for k in make_generation_ema(model).state_dict())

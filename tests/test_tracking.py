@@ -15,3 +15,25 @@ def test_a_user_tracking_uri_wins(monkeypatch, tmp_path):
     import pipelines.tracking as tracking
     monkeypatch.setattr(tracking, "USER_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking.tracking_uri(tmp_path) == "http://mlflow.example:5000"
+
+
+def test_a_killed_pipeline_run_is_found_and_its_stages_are_continued_not_repeated(tmp_path, monkeypatch):
+    import mlflow
+
+    import pipelines.tracking as tracking
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", None)
+    tracking.use_store(tracking.tracking_uri(tmp_path))
+    tags = {"sddit.stage": "pipeline", "sddit.pipeline_key": tracking.params_key({"preset": "demo"})}
+    assert tracking.unfinished_run(tags) is None
+    parent = mlflow.start_run(run_name="full_run demo", tags=tags)     # never ended: as after kill -9
+    monkeypatch.setenv(tracking.PARENT_ENV, parent.info.run_id)
+    for value in (1, 1, 2):                                 # the same stage twice, then with other parameters
+        with tracking.stage_run("encode", tmp_path, params={"resolution": value}):
+            mlflow.log_metric("rows", value)
+    assert tracking.unfinished_run(tags).info.run_id == parent.info.run_id
+    assert tracking.unfinished_run({**tags, "sddit.pipeline_key": "other"}) is None
+    children = mlflow.search_runs(filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  output_format="list")
+    assert sorted(c.data.params["resolution"] for c in children) == ["1", "2"]
+    mlflow.end_run()
+    assert tracking.unfinished_run(tags) is None            # a finished pipeline starts a new run next time

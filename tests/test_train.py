@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from sddit.checkpoint import load_checkpoint
-from sddit.config import load_preset
+from sddit.config import apply_overrides, load_preset
 from sddit.data import DataError
 from sddit.training import LocalHooks, NonFiniteError, train_loop
 
@@ -83,8 +83,8 @@ def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoi
     clean_batch = LatentLoader.batch
 
     def poisoned(self, step):
-        x0, labels = clean_batch(self, step)
-        return (x0 * float("nan"), labels) if step >= 4 else (x0, labels)
+        batch = clean_batch(self, step)
+        return batch._replace(x0=batch.x0 * float("nan")) if step >= 4 else batch
 
     monkeypatch.setattr(LatentLoader, "batch", poisoned)
     hooks = LocalHooks(tmp_path, verbose=False)
@@ -119,6 +119,57 @@ def test_mismatched_or_missing_shards_are_refused(dataset, preset, tmp_path):
             (broken / f.name).symlink_to(f)
     with pytest.raises(DataError, match=r"part-00001.parquet: shard listed in the manifest is missing"):
         main(["--data", str(broken), "--preset", str(preset), "--run-dir", str(tmp_path)])
+
+
+def train_cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "pipelines/train.py"), *map(str, args)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_truncated_shard_or_a_manifest_that_does_not_parse_is_one_line(dataset, preset, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = broken / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = train_cli("--data", broken, "--preset", preset, "--run-dir", tmp_path / "runs")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"train: {shard}: unreadable shard, truncated or not Parquet")
+    (broken / "manifest.json").write_text('{"settings": ')
+    result = train_cli("--data", broken, "--preset", preset, "--run-dir", tmp_path / "runs")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"train: {broken / 'manifest.json'}: not a valid sddit manifest")
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one_to_resume_from(dataset, preset, tmp_path, monkeypatch):
+    import errno
+
+    from sddit import checkpoint
+    from sddit.errors import StorageError
+    config = apply_overrides(load_preset(preset), ["train.steps=6", "train.checkpoint_every=2"])
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(payload, f):
+        calls.append(payload["step"])
+        if payload["step"] == 4:
+            f.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(payload, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    hooks = LocalHooks(tmp_path, verbose=False)
+    with pytest.raises(StorageError, match=r"step-00000004/checkpoint.pt: could not write it \(No space left"):
+        train_loop(config, dataset, hooks=hooks)
+    monkeypatch.undo()
+    assert calls == [2, 4] and hooks.latest().name == "step-00000002"
+    train_loop(config, dataset, hooks=hooks, resume=load_checkpoint(hooks.latest()))
+    assert load_checkpoint(hooks.latest())["step"] == 6
 
 
 @pytest.fixture(scope="module")

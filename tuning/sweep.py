@@ -21,10 +21,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit.config import apply_overrides, config_from_dict, load_preset, preset_names, save_config  # noqa: E402
-from sddit.data import DataError, Manifest  # noqa: E402
+from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
 SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
@@ -338,7 +338,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as error:
-        sys.exit(f"tune: {error}")
+    run_cli("tune", main)

@@ -160,16 +160,20 @@ class Encoder(nn.Module):
             c = c + self.y_embedder(y)
         return c                                            # [N, D]
 
-    def forward(self, x, t, y, ids_keep=None):
-        """x: [N, C, H, W] -> (tokens [N, extra + K, D], c [N, D], all embedded patches [N, L, D])."""
+    def forward(self, x, t, y, ids_keep=None, tap_depth=None):
+        """x: [N, C, H, W] -> (tokens [N, extra + K, D], c [N, D], all embedded patches [N, L, D],
+        the patch tokens after `tap_depth` blocks [N, K, D] or None)."""
         patches = self.x_embedder(x) + self.pos_embed       # [N, L, D]
         c = self.condition(t, y)
         h = patches if ids_keep is None else gather_tokens(patches, ids_keep)  # [N, K, D]
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
-        for block in self.blocks:
+        tapped = None
+        for depth, block in enumerate(self.blocks, start=1):
             h = block(h, c)
-        return h, c, patches
+            if depth == tap_depth:
+                tapped = h[:, self.num_extra_tokens:]
+        return h, c, patches, tapped
 
 
 class Decoder(nn.Module):
@@ -237,11 +241,12 @@ class Backbone(nn.Module):
         x = x.reshape(x.shape[0], side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, side * p, side * p)
 
-    def forward(self, x, t, y=None, ids_keep=None):
-        """F(c_in x, c_noise, y) -> (prediction [N, C_out, H, W], encoder tokens [N, extra + K, D])."""
-        tokens, c, patches = self.encoder(x, t, y, ids_keep)
+    def forward(self, x, t, y=None, ids_keep=None, tap_depth=None):
+        """F(c_in x, c_noise, y) -> (prediction [N, C_out, H, W], encoder tokens [N, extra + K, D],
+        the encoder's patch tokens after `tap_depth` blocks [N, K, D] or None)."""
+        tokens, c, patches, tapped = self.encoder(x, t, y, ids_keep, tap_depth)
         out = self.decoder(tokens[:, self.encoder.num_extra_tokens:], c, patches, ids_keep)
-        return self.unpatchify(out), tokens
+        return self.unpatchify(out), tokens, tapped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The trainable model: a preconditioned DiT student, its projection head and its EMA teacher.
+"""The trainable model: a preconditioned DiT student, its projection head and its EMA teacher, and
+REPA's projector.
 
 Parameters under `teacher.` are the teacher's (updated only by EMA); all others are the student's.
 """
@@ -20,6 +21,20 @@ from sddit.models.registry import ModelConfig
 class StudentOutput(NamedTuple):
     denoised: torch.Tensor                  # D(x) [N, C, H, W]
     logits: torch.Tensor | None             # head on CLS + visible tokens [N, 1 + K, out], if discriminative
+    aligned: torch.Tensor | None = None     # projected visible tokens at the REPA tap [N, K, feature dim], if REPA
+
+
+class Projector(nn.Module):
+    """REPA's projector: a 3-layer MLP with SiLU from the encoder's width to the external features' (PyTorch's
+    default Linear initialisation, as REPA's)."""
+
+    def __init__(self, in_size: int, hidden_size: int, out_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
+                                 nn.SiLU(), nn.Linear(hidden_size, out_size))
+
+    def forward(self, h):                                   # h: [N, K, D]
+        return self.mlp(h)                                  # [N, K, feature dim]
 
 
 class Teacher(nn.Module):
@@ -48,6 +63,9 @@ class DiffusionModel(nn.Module):
                                        config.head_hidden_size, config.head_bottleneck_size)
             self.teacher = Teacher(backbone.encoder, self.head)
             self.disc = DiscriminativeLoss(config.head_out_size)
+        self.projector = None
+        if config.repa_weight > 0:
+            self.projector = Projector(config.hidden_size, config.repa_projector_size, config.repa_feature_dim)
 
     @property
     def num_patches(self) -> int:
@@ -58,6 +76,8 @@ class DiffusionModel(nn.Module):
 
     def forward(self, x, sigma, labels=None, ids_keep=None) -> StudentOutput:
         """The student's training pass (what DDP wraps); sampling uses `denoiser` directly."""
-        denoised, tokens = self.denoiser.denoise(x, sigma, labels, ids_keep)
+        tap_depth = self.config.repa_depth if self.projector is not None else None
+        denoised, tokens, tapped = self.denoiser.denoise(x, sigma, labels, ids_keep, tap_depth=tap_depth)
         logits = self.head(tokens) if self.head is not None else None
-        return StudentOutput(denoised, logits)
+        aligned = self.projector(tapped) if self.projector is not None else None
+        return StudentOutput(denoised, logits, aligned)

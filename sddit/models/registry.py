@@ -39,6 +39,13 @@ class ModelConfig:
     head_hidden_size: int = 2048
     head_bottleneck_size: int = 256
     head_out_size: int = 8192             # K
+    # REPA (Yu et al. 2025): align a projection of the encoder's hidden tokens after `repa_depth` blocks with
+    # an external encoder's features of the clean image (0 weight: no projector, no features needed)
+    repa_weight: float = 0.0              # lambda; REPA uses 0.5
+    repa_depth: int = 8                   # encoder blocks before the tap (REPA: 8 of SiT-XL's 28)
+    repa_projector_size: int = 2048       # hidden width of the 3-layer SiLU MLP projector
+    repa_encoder: str = "timm:vit_base_patch14_dinov2"   # the dataset's features must come from this encoder
+    repa_feature_dim: int = 768           # filled from the dataset's features
 
     def validate(self) -> "ModelConfig":
         def need(ok: bool, field: str, message: str):
@@ -66,6 +73,12 @@ class ModelConfig:
         need(self.disc_weight == 0 or self.cls_token, "cls_token",
              "the discriminative loss (disc_weight > 0) needs the CLS token")
         need(not self.mask_token or self.mask_ratio > 0, "mask_token", "a mask token needs mask_ratio > 0")
+        need(self.repa_weight >= 0, "repa_weight", f"must be >= 0, got {self.repa_weight}")
+        if self.repa_weight > 0:
+            need(1 <= self.repa_depth <= self.depth, "repa_depth",
+                 f"must be in 1..depth ({self.depth}) to tap the encoder, got {self.repa_depth}")
+            for field in ("repa_projector_size", "repa_feature_dim"):
+                need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
         return self
 
 
