@@ -37,6 +37,17 @@ def train_logging():
     return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (a progress report every few seconds when stdout is not a terminal) only when
+    verbose; its log file in Ray's session directory keeps them, and our own progress line reports encoding."""
+    import ray.data  # noqa: F401  (importing it configures the 'ray.data' logger and its console handler)
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def tune_verbosity() -> int:
     """Tune's console output: the trial tables only when verbose (our own lines report progress)."""
     return 1 if verbose() else 0

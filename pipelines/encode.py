@@ -27,7 +27,8 @@ from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
 from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,  # noqa: E402
                         find_class_names, file_sha256, list_image_folder, load_image, read_shard_metadata,
                         shard_name, shard_schema, shard_table, write_atomically)
-from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose  # noqa: E402
+from pipelines.common import (Progress, add_verbose_flag, init_ray, quiet_ray_data_console, run_cli,  # noqa: E402
+                              set_verbose)
 
 SETTINGS_FILE = "encode_settings.json"
 # Test hook: hard-exit (like SIGKILL: no cleanup, no manifest) after writing this many shards.
@@ -227,6 +228,7 @@ def encode(args) -> Manifest:
 
     ray = init_ray(args.address)
     from ray.data import ActorPoolStrategy, DataContext
+    quiet_ray_data_console()
 
     schema = shard_schema(codec.column, codec.stored_shape(args.resolution), codec.stored_dtype,
                           features["shape"] if features else None)

@@ -108,3 +108,48 @@ def test_best_checkpoint_is_from_the_step_its_metric_was_measured_at(sweep):
     _, _, summary = sweep
     best = summary["best"]
     assert load_checkpoint(best["checkpoint"])["step"] == best["last_step"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_continues_its_trials_with_resume(sweep, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    from tuning.sweep import main as sweep_main
+    root, data, _ = sweep
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "grid", "values": [3e-3, 2e-3, 1e-3]}}))
+    runs = tmp_path / "runs"
+    args = ["--data", str(data), "--preset", str(root / "tiny.yaml"), "--space", str(space), "--search", "grid",
+            "--scheduler", "none", "--num-samples", "1", "--budget-steps", "12", "--proxy-samples", "16",
+            "--max-concurrent", "1", "--name", "resumable", "--run-dir", str(runs)]
+    repo = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, str(repo / "tuning/sweep.py"), *args], cwd=repo, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:                                                    # kill -9 once the first trial has finished its budget
+        deadline = time.time() + 300
+        while not list((runs / "ray").glob("resumable-*/checkpoint_*/checkpoint.pt")) or len(
+                list((runs / "ray").glob("resumable-*"))) < 2:
+            assert time.time() < deadline and process.poll() is None, "the sweep never got past its first trial"
+            time.sleep(1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    started = {p.name for p in (runs / "ray").glob("resumable-*")}
+    summary = sweep_main(args + ["--resume"])
+    assert [t["status"] for t in summary["trials"]] == ["completed"] * 3
+    assert sorted(t["params"]["optim.lr"] for t in summary["trials"]) == [1e-3, 2e-3, 3e-3]
+    # the same trials continued (their run directories reused), not a new sweep beside the old one
+    assert started <= {p.name for p in (runs / "ray").glob("resumable-*")}
+    assert len({p.name for p in (runs / "ray").glob("resumable-*")}) == 3
+    client = MlflowClient(tracking_uri(runs))
+    experiment = client.get_experiment_by_name("sddit")
+    parents = client.search_runs([experiment.experiment_id], "tags.`sddit.sweep_name` = 'resumable'")
+    assert len(parents) == 1
