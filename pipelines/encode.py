@@ -285,11 +285,12 @@ def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float
 
     from pipelines.tracking import stage_run
     from sddit.data import decode_preview
-    params = {**asdict(manifest.settings), "num_classes": manifest.num_classes, "num_images": images_done,
-              "code_version": manifest.code_version}
+    # parameters say which dataset this is (a rerun that finds it done continues the same run); what this
+    # invocation did goes into the metrics
+    params = {**asdict(manifest.settings), "num_classes": manifest.num_classes, "code_version": manifest.code_version}
     with stage_run("encode", args.run_dir, params=params):
         total_bytes = sum((Path(args.out) / s["file"]).stat().st_size for s in manifest.shards)
-        mlflow.log_metrics({"rows": manifest.num_rows, "skipped": len(manifest.skipped),
+        mlflow.log_metrics({"rows": manifest.num_rows, "skipped": len(manifest.skipped), "images_encoded_this_run": images_done,
                             "images_per_s": images_done / seconds if seconds > 0 else 0.0,
                             "total_bytes": total_bytes, "bytes_written_this_run": bytes_written})
         grid = decode_preview(Path(args.out), manifest, codec)
