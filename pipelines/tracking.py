@@ -51,12 +51,17 @@ def params_key(params: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def tag_query(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching runs that carry all of `tags`."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
 def unfinished_run(tags: dict[str, str]):
     """The most recent run with these tags that never finished (killed: still RUNNING; or FAILED), or None."""
     import mlflow
 
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = mlflow.search_runs(filter_string=query + " and attributes.status != 'FINISHED'", output_format="list",
+    runs = mlflow.search_runs(filter_string=tag_query(tags) + " and attributes.status != 'FINISHED'",
+                              output_format="list",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -74,8 +79,8 @@ def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, pa
     tags = {"sddit.stage": stage, "sddit.stage_key": params_key(params)}
     earlier = None
     if parent:
-        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in {**tags, "mlflow.parentRunId": parent}.items())
-        earlier = mlflow.search_runs(filter_string=query, output_format="list", max_results=1)
+        earlier = mlflow.search_runs(filter_string=tag_query({**tags, "mlflow.parentRunId": parent}),
+                                     output_format="list", max_results=1)
     if earlier:
         context = mlflow.start_run(run_id=earlier[0].info.run_id, nested=mlflow.active_run() is not None)
     else:
