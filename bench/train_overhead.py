@@ -10,8 +10,8 @@ so one round alone overstates the steady-state overhead; hence 3 rounds by defau
 `--threads` sets torch's CPU threads on both sides (default: every CPU). Appends a JSON record
 to bench/results/train_overhead.jsonl.
 
-    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --steps 120
-    python bench/train_overhead.py --data runs/datasets/pixel-16 --preset demo --threads 1 --repeats 2
+    python bench/train_overhead.py --data runs/datasets/pixel-8 --preset demo --steps 120
+    python bench/train_overhead.py --data runs/datasets/pixel-8 --preset demo --threads 1 --repeats 2
 """
 from __future__ import annotations
 

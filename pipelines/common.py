@@ -49,14 +49,27 @@ def quiet_ray_data_console() -> None:
 
 
 def tune_verbosity() -> int:
-    """Tune's console output: the trial tables only when verbose (our own lines report progress)."""
-    return 1 if verbose() else 0
+    """Tune's console output: the trial tables only when verbose (our own lines report progress). Tune's
+    default reporter prints its configuration box and TensorBoard hint even at verbosity 0; its legacy
+    reporter, which it reads this variable for when the run starts, prints nothing at 0."""
+    if verbose():
+        return 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return 0
 
 
 def init_ray(address: str | None = None, **kwargs):
     """Connect to `address` ("auto" for an existing cluster) or start a local runtime; reuse one if running."""
     import ray
 
+    if address is None:
+        # A local runtime has no nodes that can be preempted. Ray Train's watcher for that is one more actor
+        # process per Train run (each sweep trial pays for it on a small machine) and prints a core-worker
+        # ERROR line about its own constructor arguments. Ray Train passes this setting on to its controllers.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s to be
+        # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
                  **kwargs)

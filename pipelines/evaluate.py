@@ -114,34 +114,65 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 class SamplingActor:
-    """Holds one generation EMA and the codec on its device; draws whole batches of the plan."""
+    """Holds one generation EMA and the codec on its device; draws whole batches of a plan. A driver that
+    evaluates several times in a row (full_run: three) can keep it for the next evaluation, which then loads
+    another network only when the checkpoint or the plan changes."""
 
-    def __init__(self, checkpoint: str, plan: dict, use_gpu: bool):
+    def __init__(self, use_gpu: bool):
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.loaded = None
+
+    def prepare(self, checkpoint: str, plan: dict) -> None:
+        if self.loaded == (checkpoint, plan):
+            return
         _, ema, dataset = load_generator(checkpoint, self.device)
         self.codec = make_codec(dataset["codec"], dataset["vae"], device=self.device)
         self.plan = SamplingPlan(**plan)
         self.network = sampling_network(ema, self.plan)
+        self.loaded = (checkpoint, plan)
 
     def sample(self, batch_index: int):
         images, labels = sample_batch(self.network, self.codec, batch_index, self.plan, self.device)
         return batch_index, images, labels
 
 
-def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: list[int]) -> None:
-    """Draw the `todo` batches on actors; the driver writes each result as it arrives."""
+_pool: dict = {"job": None, "actors": []}   # sampling actors kept for this driver's next evaluation
+
+
+def sampling_actors(ray) -> list:
+    """One actor per GPU, or two on a CPU-only cluster: the kept ones, or new ones (also after Ray was
+    restarted in the same process)."""
+    job = ray.get_runtime_context().get_job_id()
+    if _pool["job"] != job:
+        _pool.update(job=job, actors=[])
+    if not _pool["actors"]:
+        num_gpus = int(ray.cluster_resources().get("GPU", 0))
+        if num_gpus:
+            count, options = num_gpus, {"num_gpus": 1}
+        else:
+            count, options = min(2, max(1, int(ray.cluster_resources().get("CPU", 1)))), {"num_cpus": 1}
+        actor_class = ray.remote(SamplingActor).options(**options)
+        _pool["actors"] = [actor_class.remote(num_gpus > 0) for _ in range(count)]
+    return _pool["actors"]
+
+
+def release_sampling_actors() -> None:
+    """Stop the kept sampling actors: they hold CPUs or GPUs that later stages of the driver need."""
+    import ray
+    if _pool["actors"] and ray.is_initialized() and _pool["job"] == ray.get_runtime_context().get_job_id():
+        for actor in _pool["actors"]:
+            ray.kill(actor)
+    _pool["actors"] = []
+
+
+def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: list[int], keep_actors: bool) -> None:
+    """Draw the `todo` batches on actors; the driver writes each result as it arrives. The actors are stopped
+    at the end unless `keep_actors`."""
     ray = init_ray(args.address)
-    resources = ray.cluster_resources()
-    num_gpus = int(resources.get("GPU", 0))
-    if num_gpus:
-        count, options = num_gpus, {"num_gpus": 1}
-    else:
-        count, options = min(2, max(1, int(resources.get("CPU", 1)))), {"num_cpus": 1}
-    count = min(count, len(todo))
-    actor_class = ray.remote(SamplingActor).options(**options)
-    actors = [actor_class.remote(str(checkpoint), plan.to_dict(), num_gpus > 0) for _ in range(count)]
-    print(f"evaluate: sampling {len(todo)} of {plan.num_batches} batches on {count} "
-          f"{'GPU' if num_gpus else 'CPU'} actor(s)", flush=True)
+    actors = sampling_actors(ray)[:len(todo)]
+    on_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    print(f"evaluate: sampling {len(todo)} of {plan.num_batches} batches on {len(actors)} "
+          f"{'GPU' if on_gpu else 'CPU'} actor(s)", flush=True)
     queue, pending = list(todo), {}
 
     def submit(actor):
@@ -150,6 +181,7 @@ def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: l
 
     progress = Progress(sum(len(plan.batch_indices(b)) for b in todo), "evaluate: sampling")
     try:
+        ray.get([actor.prepare.remote(str(checkpoint), plan.to_dict()) for actor in actors])
         for actor in actors:
             for _ in range(2):                  # one batch in flight while the previous one comes back
                 submit(actor)
@@ -160,10 +192,13 @@ def sample_on_ray(args, checkpoint: Path, plan: SamplingPlan, out: Path, todo: l
             write_batch(out, batch_index, images, labels)
             progress.update(len(images))
             submit(actor)
+    except BaseException:                   # an actor in an unknown state is not kept for the next evaluation
+        keep_actors = False
+        raise
     finally:
         progress.close()
-        for actor in actors:
-            ray.kill(actor)
+        if not keep_actors:
+            release_sampling_actors()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +235,9 @@ def write_pngs(out: Path, plan: SamplingPlan) -> Path:
     return folder
 
 
-def evaluate(args) -> tuple[dict[str, float], Path]:
-    """(metrics, the output directory) of one evaluation."""
+def evaluate(args, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
+    """(metrics, the output directory) of one evaluation. `keep_actors`: leave the sampling actors up for the
+    caller's next evaluation (then call `release_sampling_actors` when done)."""
     checkpoint = resolve(args.checkpoint).resolve()
     payload = load_checkpoint(checkpoint)
     config, step, dataset = payload["config"], payload["step"], payload.get("dataset") or {}
@@ -231,7 +267,7 @@ def evaluate(args) -> tuple[dict[str, float], Path]:
     todo = [b for b in range(plan.num_batches) if b not in done]
     start = time.time()
     if todo:
-        sample_on_ray(args, checkpoint, plan, out, todo)
+        sample_on_ray(args, checkpoint, plan, out, todo, keep_actors)
     else:
         print(f"evaluate: all {plan.num_batches} batches already in {out / SAMPLES_DIR}", flush=True)
     sampling_seconds = time.time() - start

@@ -76,7 +76,7 @@ class Plan:
         self.name = Path(args.preset).stem
         self.codec = self.config.data.codec
         self.extractor = "domain" if self.codec == "pixel" else "inception"
-        self.sweep_samples = args.sweep_samples or (4 if demo else 16)
+        self.sweep_samples = args.sweep_samples or (2 if demo else 16)
         self.sweep_budget = args.sweep_budget or (40 if demo else 20_000)
         # the final training starts from the best trial's weights, so the sweep's budget counts towards it
         self.train_steps = args.train_steps or max(self.config.train.steps - (self.sweep_budget if demo else 0), 1)
@@ -105,7 +105,8 @@ def run_stages(args, plan: Plan, ray) -> dict:
     common = ["--run-dir", str(plan.run_dir)] + (["--address", args.address or "auto"] if args.cluster else [])
     num_workers = args.num_workers or (int(ray.cluster_resources().get("GPU", 0)) or 1 if args.cluster else 1)
     use_gpu = ["--use-gpu"] if args.cluster and ray.cluster_resources().get("GPU", 0) else []
-    summary: dict = {"stages": {}}
+    # seconds spent in optimiser steps (sweep trials and final training); the rest of the wall time is overhead
+    summary: dict = {"stages": {}, "step_seconds": 0.0}
 
     if "encode" in stages:
         start = stage_started("encode")
@@ -122,16 +123,20 @@ def run_stages(args, plan: Plan, ray) -> dict:
         result = sweep.main(["--data", str(plan.dataset), "--preset", args.preset, "--num-samples", str(plan.sweep_samples),
                              "--budget-steps", str(plan.sweep_budget), "--name", f"sweep-{plan.name}",
                              "--storage", str(plan.storage / "ray"), "--resume"]
-                            # locally: trials side by side on one CPU each (more img/s than one trial on all of
-                            # them), a small proxy sample drawn like the final evaluation's, one ASHA
-                            # decision half-way
-                            + ([] if args.cluster else ["--proxy-samples", "100",
+                            # locally: all trials at once (the demo's two on one CPU each), each to its full
+                            # budget with one proxy FID at the end, drawn like the final evaluation's (early
+                            # stopping saves little at this size, and a stopped trial's worker dies mid-step)
+                            + ([] if args.cluster else ["--max-concurrent", str(plan.sweep_samples),
+                                                        "--scheduler", "none", "--proxy-samples", "100",
                                                         "--proxy-heun-steps", str(plan.eval_steps),
-                                                        "--grace-steps", str(max(plan.sweep_budget // 2, 1))])
+                                                        "--proxy-every", str(plan.sweep_budget)])
                             + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common)
         preset, init_from = result["best_config"], result["best_checkpoint"]
         summary["stages"]["tune"] = stage_done("tune", start)
         summary["best_params"] = result["best"]["params"]
+        # trials that ran side by side shared the CPUs: their steps took the sum over the concurrency in wall time
+        summary["step_seconds"] += sum(trial.get("step_seconds") or 0.0 for trial in result["trials"]) / max(
+            result["max_concurrent"], 1)
 
     checkpoint = None
     if "train" in stages:
@@ -141,6 +146,7 @@ def run_stages(args, plan: Plan, ray) -> dict:
                              "--num-workers", str(num_workers), "--name", f"final-{plan.name}",
                              "--storage", str(plan.storage / "ray")] + use_gpu + extra + common)
         checkpoint = result["checkpoint"]
+        summary["step_seconds"] += (result["metrics"] or {}).get("step_seconds", 0.0)
         summary["stages"]["train"] = stage_done("train", start)
         summary["checkpoint"] = checkpoint
 
@@ -155,13 +161,18 @@ def run_stages(args, plan: Plan, ray) -> dict:
 
         def evaluated(source, cfg_scale: float) -> tuple[dict, Path]:
             return evaluate.evaluate(evaluate.parse_args(["--checkpoint", str(source), "--cfg-scale", f"{cfg_scale:g}"]
-                                                         + evaluation))
+                                                         + evaluation), keep_actors=True)
 
-        # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability
-        summary["metrics_cfg1"], _ = evaluated(checkpoint, 1.0)
-        summary["metrics_cfg"], guided = evaluated(checkpoint, plan.cfg_scale)
+        # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability; the three
+        # evaluations share their sampling actors
+        try:
+            summary["metrics_cfg1"], _ = evaluated(checkpoint, 1.0)
+            summary["metrics_cfg"], guided = evaluated(checkpoint, plan.cfg_scale)
+            summary["metrics_untrained_cfg1"], _ = evaluated(
+                untrained_checkpoint(checkpoint, plan.storage / "untrained"), 1.0)
+        finally:
+            evaluate.release_sampling_actors()
         summary["cfg_scale"] = plan.cfg_scale
-        summary["metrics_untrained_cfg1"], _ = evaluated(untrained_checkpoint(checkpoint, plan.storage / "untrained"), 1.0)
         summary["samples"] = str(write_summary_grid(guided, plan))
         summary["stages"]["evaluate"] = stage_done("evaluate", start)
     return summary
@@ -243,6 +254,9 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
     print("\n=== sddit full_run summary ===")
     print(f"wall time: {summary['wall_s'] / 60:.1f} min ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items()) + ")")
+    steps, wall = summary["step_seconds"], summary["wall_s"]
+    print(f"training steps: {steps:.0f} s ({100 * steps / wall:.0f}% of the wall time); start-up, sweep overhead, "
+          f"evaluation and the rest: {wall - steps:.0f} s")
     suffix = plan.extractor
     if "metrics_cfg1" in summary:
         fid, fid0 = summary["metrics_cfg1"][f"fid_{suffix}"], summary["metrics_untrained_cfg1"][f"fid_{suffix}"]

@@ -74,6 +74,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     # REPA (Yu et al. 2025) on each family: lambda = 0.5; the tap depth, projector and external encoder come from
     # the base preset, the features from the dataset (pipelines/encode.py --repa-encoder)
     **{f"{family}-REPA": (family, ["model.repa_weight=0.5"]) for family in ("DiT", "MaskDiT", "SD-DiT")},
+    # MaskDM's block-wise masks (b x b patches) at each family's own mask ratio
+    **{f"{family}-block{b}": (family, [f"model.mask_block_size={b}"]) for family in ("MaskDiT", "SD-DiT")
+       for b in (2, 4)},
 }
 STUDIES = {
     "paper-fig3": ["DiT", "MaskDiT", "SD-DiT"],
@@ -83,6 +86,7 @@ STUDIES = {
     "temperatures": ["SD-DiT", "SD-DiT-dino-temps"],
     "disc-terms": ["SD-DiT", "SD-DiT-no-cls", "SD-DiT-no-patch", "SD-DiT-no-disc"],
     "repa": ["DiT", "DiT-REPA", "SD-DiT", "SD-DiT-REPA"],
+    "mask-blocks": ["MaskDiT", "MaskDiT-block2", "MaskDiT-block4", "SD-DiT", "SD-DiT-block2", "SD-DiT-block4"],
 }
 # the paper's figures for each study (ImageNet-256, S/2 at 400k steps unless noted), quoted in summary.md
 PAPER = {
@@ -94,6 +98,8 @@ PAPER = {
     "disc-terms": "not in the paper, which removes the CLS and patch terms only together (Tab. 3: 53.72 -> 62.84)",
     "repa": "REPA (Yu et al. 2025): SiT-XL/2 with REPA reaches the FID of SiT-XL/2 at 7M steps in under 400k "
             "(17.5x fewer); REPA has not been combined with SD-DiT in the literature",
+    "mask-blocks": "MaskDM (Lei et al. 2023): block-wise masks best overall among its mask types; larger blocks "
+                   "better at low mask ratios, smaller ones at high ratios",
 }
 METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
 LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "loss_repa", "target_entropy_cls", "target_entropy_patch",

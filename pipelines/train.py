@@ -195,7 +195,8 @@ def train_worker(context: dict) -> None:
     from sddit.training import dataset_info, train_loop
 
     import torch
-    torch.set_num_threads(context["cpus_per_worker"])      # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved
+    # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved (a fractional share still runs one thread)
+    torch.set_num_threads(max(1, int(context["cpus_per_worker"])))
     if not context.get("verbose"):
         quiet_ray_train_reports()
     world = ray.train.get_context()

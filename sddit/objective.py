@@ -94,7 +94,8 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
     # choose the visible tokens, per sample
     ids_keep = None
     if cfg.mask_ratio > 0:
-        ids_keep = random_keep(n_batch, net.num_patches, cfg.mask_ratio, device=device, generator=generator)
+        ids_keep = random_keep(n_batch, net.num_patches, cfg.mask_ratio, block_size=cfg.mask_block_size,
+                               device=device, generator=generator)
 
     # student: denoise from the visible tokens, head on CLS + visible tokens
     out = model(x, sigma, labels, ids_keep)

@@ -228,6 +228,7 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     worst_streak = torch.zeros_like(bad_streak)
     skipped = torch.zeros_like(bad_streak)
     last_time, last_step = time.perf_counter(), step
+    step_seconds = 0.0                                      # in optimiser steps, in this process
     metrics: dict = {}
     while step < config.train.steps:
         # one optimiser step (gradient, AdamW, teacher EMA, centres, generation EMA), all on the device
@@ -248,12 +249,14 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
                                      f"before step {step} (train.max_bad_steps={config.train.max_bad_steps}); "
                                      f"the last checkpoint holds the last good state")
             now = time.perf_counter()
+            step_seconds += now - last_time
             metrics = {key: float(value) for key, value in result.parts.items()}
             metrics.update(grad_norm=float(result.grad_norm), lr=optimizer.param_groups[0]["lr"],
                            teacher_temp=float(schedules.teacher_temp[step - 1]),
                            teacher_momentum=float(schedules.teacher_momentum[step - 1]),
                            skipped_steps=float(skipped), epoch=float(loader.position(step)["epoch"]),
-                           images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9))
+                           images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9),
+                           step_seconds=step_seconds)
             if rank == 0:
                 metrics.update(hooks.evaluate(step, ema))
             last_time, last_step = time.perf_counter(), step     # evaluation time is not training time

@@ -111,6 +111,95 @@ def wait_for(condition, what: str, timeout: float = 120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# ---------------------------------------------------------------------------------------------
+# SLURM: infra/slurm/sddit.sbatch (defined before the loopback cluster test: `ray symmetric-run` refuses to
+# start while any other Ray runtime runs on the machine)
+# ---------------------------------------------------------------------------------------------
+
+SBATCH = ROOT / "infra" / "slurm" / "sddit.sbatch"
+
+
+def slurm_env(tmp_path, hosts: str, **settings) -> dict:
+    """A SLURM-like environment: fake `scontrol` (the allocation's hostnames) and `srun` (runs the command
+    once, here), and the variables sbatch sets."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\nprintf '{hosts}\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "SLURM_", "SDDIT_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(ROOT),
+               SDDIT_PYTHON=sys.executable, SHARED=str(tmp_path / "shared"), **settings)
+    return env
+
+
+def test_sbatch_script_builds_a_command_that_symmetric_run_and_full_run_accept(tmp_path):
+    import shlex
+
+    from ray.scripts.symmetric_run import curate_and_validate_ray_start_args, symmetric_run
+
+    from pipelines.full_run import parse_args
+    env = slurm_env(tmp_path, "node1\\nnode2", SLURM_JOB_NUM_NODES="2", SLURM_CPUS_PER_TASK="64",
+                    SLURM_GPUS_PER_NODE="a100:8", SDDIT_HEAD_IP="10.1.2.3", SDDIT_DRY_RUN="1",
+                    SDDIT_RAY_START_ARGS="--temp-dir /scratch/ray")
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    command = shlex.split(done.stdout)
+    separator = command.index("--")
+    ray_args, entrypoint = command[2:separator], command[separator + 1:]
+    assert command[:2] == ["ray", "symmetric-run"]
+    assert ray_args[:4] == ["--address", "10.1.2.3:6379", "--min-nodes", "2"]
+    assert ray_args[4:] == ["--num-cpus", "64", "--num-gpus", "8", "--temp-dir", "/scratch/ray"]
+    # what Ray's own parsers make of it: symmetric-run's options, then `ray start`'s for the rest
+    context = symmetric_run.make_context("symmetric-run", ray_args, resilient_parsing=True)
+    assert (context.params["address"], context.params["min_nodes"]) == ("10.1.2.3:6379", 2)
+    start_args = curate_and_validate_ray_start_args(ray_args)
+    start_help = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--help"], capture_output=True,
+                                text=True, timeout=60).stdout
+    assert all(f"{option} " in start_help or f"{option}\n" in start_help
+               for option in start_args if option.startswith("--"))
+    assert entrypoint[:2] == [sys.executable, "pipelines/full_run.py"]
+    args = parse_args(entrypoint[2:])
+    assert args.cluster and args.preset == "imagenet256-XL2" and args.storage == str(tmp_path / "shared" / "sddit")
+    assert not (tmp_path / "shared").exists()                            # a dry run writes nothing
+
+
+def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
+    env = slurm_env(tmp_path, "node1")
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "SLURM_JOB_NUM_NODES" in done.stderr
+
+
+@pytest.mark.slow
+def test_sbatch_script_runs_its_entrypoint_on_a_one_node_symmetric_run_cluster(tmp_path):
+    """The script for real on this host as a one-node allocation: symmetric-run starts the head, the
+    entrypoint connects to it with the token from shared storage, then the cluster is stopped."""
+    from ray._private.services import find_gcs_addresses
+    assert not find_gcs_addresses(), "another Ray runtime is running here; ray symmetric-run refuses to start"
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, os, sys, ray\nray.init(address='auto')\n"
+                     "json.dump({'cpus': ray.cluster_resources().get('CPU'), 'nodes': len(ray.nodes()), "
+                     "'auth': os.environ.get('RAY_AUTH_MODE')}, open(sys.argv[1], 'w'))\n")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    env = slurm_env(tmp_path, "localhost", SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="1",
+                    SDDIT_HEAD_IP="127.0.0.1", RAY_PORT=str(free_port()), HOME=str(tmp_path / "home"),
+                    SDDIT_ENTRYPOINT=f"{sys.executable} {probe} {tmp_path / 'probe.json'}",
+                    SDDIT_RAY_START_ARGS=f"--temp-dir {temp_dir} --disable-usage-stats "
+                                         f"--include-dashboard false")
+    try:
+        done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+    assert json.loads((tmp_path / "probe.json").read_text()) == {"cpus": 1.0, "nodes": 1, "auth": "token"}
+    token = tmp_path / "shared" / "sddit" / "ray_auth_token"
+    assert token.stat().st_mode & 0o077 == 0 and len(token.read_text()) == 32
+    assert "On head node" in done.stdout
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_smoke_demo_on_a_two_node_cluster(loopback_cluster, tmp_path):
     cluster = loopback_cluster
@@ -148,3 +237,30 @@ def test_ray_job_submit_runs_the_smoke_demo_on_a_two_node_cluster(loopback_clust
     assert sorted(child.data.tags["sddit.stage"] for child in children) == [
         "encode", "evaluate", "evaluate", "evaluate", "train", "tune"]
     assert all(child.info.status == "FINISHED" for child in children)
+
+
+def fake_cluster(*node_cpus, gpus=0):
+    nodes = [{"Alive": True, "Resources": {"CPU": cpus}} for cpus in node_cpus]
+    return SimpleNamespace(nodes=lambda: nodes, cluster_resources=lambda: {"CPU": sum(node_cpus), "GPU": gpus})
+
+
+@pytest.mark.parametrize("node_cpus, workers_per_trial, max_concurrent, expected", [
+    ((2,), 1, None, (2, 1)),      # by default as many trials as there are CPUs, one CPU each
+    ((8,), 2, None, (4, 1)),
+    ((8,), 1, 2, (2, 4)),         # fewer trials than CPUs: the CPUs shared among them
+    ((2,), 1, 4, (4, 0.5)),       # asked for more trials than CPUs: fractional shares, all start at once
+    ((2,), 2, 2, (2, 0.5)),
+])
+def test_trial_resources_share_the_cpus_among_the_concurrent_trials(node_cpus, workers_per_trial, max_concurrent,
+                                                                    expected):
+    from tuning.sweep import trial_resources
+    concurrent, cpus, gpus = trial_resources(fake_cluster(*node_cpus), workers_per_trial, 0, max_concurrent)
+    assert (concurrent, cpus) == expected and gpus == 0
+
+
+def test_trial_resources_never_oversubscribe_gpus():
+    from sddit.errors import ConfigError
+    from tuning.sweep import trial_resources
+    assert trial_resources(fake_cluster(16, gpus=2), 1, 1, 8)[:1] == (2,)
+    with pytest.raises(ConfigError, match="gpus_per_trial"):
+        trial_resources(fake_cluster(16, gpus=1), 1, 2, None)

@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,32 @@ def test_domain_evaluation_end_to_end(domain_run, pixel_dataset, mlflow_dir):
     assert params["params.weights"] == "generation EMA" and params["params.checkpoint_step"] == "123"
     assert params["params.extractor"] == "domain"
     assert params["metrics.fid_domain"] == pytest.approx(metrics["fid_domain"])
+
+
+def test_sampling_actors_are_released_after_an_evaluation_unless_kept(checkpoint, mlflow_dir, tmp_path):
+    """Kept actors hold their CPUs: a later stage in the same driver (an encode actor, a Train worker) would
+    wait for them forever. An evaluation releases them; a caller that keeps them for its next evaluation
+    reuses them, then releases them."""
+    import ray
+
+    from pipelines import evaluate
+    cpus = ray.cluster_resources()["CPU"]
+    run_evaluate(checkpoint, tmp_path / "a", mlflow_dir, "--extractor", "domain")
+    assert evaluate._pool["actors"] == []
+    args = evaluate.parse_args(["--checkpoint", str(checkpoint), "--run-dir", str(mlflow_dir), "--extractor",
+                                "domain", *EVAL_ARGS])
+    args.out = str(tmp_path / "b")
+    evaluate.evaluate(args, keep_actors=True)
+    kept = list(evaluate._pool["actors"])
+    assert kept and ray.available_resources().get("CPU", 0) < cpus
+    args.out, args.cfg_scale = str(tmp_path / "c"), 1.0
+    evaluate.evaluate(args, keep_actors=True)
+    assert evaluate._pool["actors"] == kept                                # the same actors drew the second one
+    evaluate.release_sampling_actors()
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == cpus
 
 
 def test_interrupted_sampling_resumes_only_the_missing_batch(domain_run, checkpoint, mlflow_dir):

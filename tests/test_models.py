@@ -127,3 +127,49 @@ def test_bad_model_config_names_the_field(name, kwargs, field):
         build(name, **kwargs)
     assert info.value.field == field
     assert str(info.value).startswith(field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-wise masks (MaskDM)
+# ---------------------------------------------------------------------------------------------
+
+def masked_blocks(ids_keep, grid: int, block: int) -> torch.Tensor:
+    """[N, blocks] count of masked tokens in each block of block x block patches."""
+    batch = ids_keep.shape[0]
+    masked = torch.ones(batch, grid * grid).scatter_(1, ids_keep, 0.0).view(batch, grid, grid)
+    return torch.nn.functional.avg_pool2d(masked[:, None], block, ceil_mode=True).flatten(1) * block * block
+
+
+def test_block_size_one_draws_the_same_uniform_masks_as_before():
+    from sddit.models.dit import random_keep
+    ids = random_keep(4, 64, 0.3, block_size=1, generator=torch.Generator().manual_seed(3))
+    scores = torch.rand(4, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ids, scores.argsort(dim=1)[:, :int(64 * 0.7)].sort(dim=1).values)
+
+
+@pytest.mark.parametrize("grid, block, ratio", [(8, 2, 0.5), (16, 4, 0.25), (16, 2, 0.75), (8, 4, 0.5)])
+def test_block_masks_at_whole_block_ratios_mask_whole_blocks(grid, block, ratio):
+    from sddit.models.dit import random_keep
+    ids = random_keep(32, grid * grid, ratio, block_size=block, generator=torch.Generator().manual_seed(0))
+    counts = masked_blocks(ids, grid, block)
+    assert set(counts.unique().tolist()) == {0.0, float(block * block)}     # every block all masked or all seen
+    assert torch.equal(counts.sum(dim=1), torch.full((32,), grid * grid * ratio))
+    assert len({tuple(row.tolist()) for row in ids}) > 1                     # per sample, not one pattern
+
+
+@pytest.mark.parametrize("grid, block, ratio", [(8, 2, 0.3), (16, 4, 0.2), (10, 3, 0.55), (16, 16, 0.4)])
+def test_block_masks_keep_the_exact_count_with_at_most_one_split_block(grid, block, ratio):
+    from sddit.models.dit import random_keep
+    ids = random_keep(32, grid * grid, ratio, block_size=block, generator=torch.Generator().manual_seed(1))
+    assert ids.shape == (32, int(grid * grid * (1 - ratio)))
+    assert (ids[:, 1:] > ids[:, :-1]).all()                                  # sorted, no repeats
+    sizes = masked_blocks(torch.zeros(1, 0, dtype=torch.long), grid, block)  # tokens per block (edge blocks smaller)
+    counts = masked_blocks(ids, grid, block)
+    split = (counts > 0) & (counts < sizes)
+    assert (split.sum(dim=1) <= 1).all()
+
+
+def test_mask_block_size_is_checked_against_the_patch_grid():
+    with pytest.raises(ConfigError, match="model.mask_block_size"):
+        tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=5)      # 8x8 input, patch 2: a 4x4 grid
+    assert tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=4).model.mask_block_size == 4

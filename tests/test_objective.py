@@ -337,3 +337,26 @@ def test_repa_gradient_reaches_the_tapped_blocks_and_the_projector_only():
                    for k in reached)
     # and the generation EMA (what sampling uses) holds no projector
     assert not any("projector" in k for k in make_generation_ema(model).state_dict())
+
+
+@pytest.mark.parametrize("family", ["MaskDiT-S/2", "SD-DiT-S/2"])
+def test_training_loss_masks_in_the_configured_blocks(family, monkeypatch):
+    import sddit.objective
+    from sddit.models.dit import random_keep
+    drawn = []
+
+    def recording_keep(*args, **kwargs):
+        drawn.append(random_keep(*args, **kwargs))
+        return drawn[-1]
+    monkeypatch.setattr(sddit.objective, "random_keep", recording_keep)
+    config = tiny_config(family, input_size=16, mask_ratio=0.5, mask_block_size=2)    # 8x8 patch grid, 2x2 blocks
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    x0, y = torch.randn(4, 2, 16, 16), torch.randint(0, 5, (4,))
+    out = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    [keep] = drawn
+    masked = torch.ones(4, 64).scatter_(1, keep, 0.0).view(4, 1, 8, 8)
+    blocks = torch.nn.functional.avg_pool2d(masked, 2).flatten(1)
+    assert set(blocks.unique().tolist()) == {0.0, 1.0}                     # whole 2x2 blocks masked or seen

@@ -1,5 +1,6 @@
 """The train stage: bare-loop exact resume and NaN handling, then Ray Train with 2 CPU workers."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,19 @@ def test_mlflow_has_one_run_per_training_with_continuous_metrics_and_images(ray_
         assert images, "sample grids logged as MLflow images"
         run = client.get_run(result["mlflow_run_id"])
         assert run.data.params["model.name"] == "SD-DiT-S/2" and run.data.tags["sddit.final_checkpoint"]
+
+
+def test_demo_curve_bench_scores_the_untrained_model_then_every_interval(dataset, preset, tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from demo_curve import main as demo_curve
+    out = tmp_path / "curve.jsonl"
+    demo_curve(["--data", str(dataset), "--preset", str(preset), "--steps", "4", "--every", "2", "--samples", "20",
+                "--heun-steps", "2", "--threads", "1", "--out", str(out)])
+    points = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 2, 4]
+    for point in points:
+        assert point["fid_cfg1"] > 0 and 0 <= point["class_agreement_cfg"] <= 1
+    assert all(p["images_per_s"] > 0 for p in points[1:]) and "images_per_s" not in points[0]

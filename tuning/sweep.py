@@ -160,21 +160,30 @@ def trial_trainable(context: dict):
 
 
 def trial_resources(ray, workers_per_trial: int, gpus_per_trial: float, max_concurrent: int | None):
-    """(concurrent trials, CPUs per worker, GPUs per worker): as many trials at once as the cluster holds
-    (a worker needs at least one CPU), so a small machine never deadlocks; the CPUs are then shared evenly
-    among the running workers."""
+    """(concurrent trials, CPUs per worker, GPUs per worker): by default as many trials at once as the cluster
+    holds with at least one CPU per worker, so a small machine never deadlocks; the CPUs are then shared evenly
+    among the running workers. An explicit `max_concurrent` beyond that shares the CPUs in fractions: on a
+    small machine short trials spend most of their time starting processes, and starting them all at once
+    overlaps those waits."""
     from pipelines.common import cpus_per_worker as fitting_cpus
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     fits = cpus // workers_per_trial
     if gpus_per_trial:
         fits = min(fits, int(gpus // gpus_per_trial))
-    if fits < 1:
+        if fits < 1:
+            raise ConfigError("gpus_per_trial", f"a trial needs {gpus_per_trial} GPUs; the cluster has {gpus}")
+    if fits < 1 and not max_concurrent:
         raise ConfigError("workers_per_trial", f"a trial needs {workers_per_trial} CPUs and {gpus_per_trial} "
                                                f"GPUs; the cluster has {cpus} CPUs and {gpus} GPUs")
-    concurrent = min(max_concurrent or fits, fits)
+    concurrent = max_concurrent or fits
+    if gpus_per_trial:
+        concurrent = min(concurrent, fits)
     gpus_per_worker = gpus_per_trial / workers_per_trial if gpus_per_trial else 0
-    return concurrent, fitting_cpus(ray, concurrent * workers_per_trial), gpus_per_worker
+    workers = concurrent * workers_per_trial
+    if workers > cpus:
+        return concurrent, cpus / workers, gpus_per_worker
+    return concurrent, fitting_cpus(ray, workers), gpus_per_worker
 
 
 def prepare_judge(extractor: str, judge_dir) -> None:
@@ -260,7 +269,7 @@ def sweep(args) -> dict:
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         results = tuner.fit()
-        return summarise(results, space, preset, metric, args, name)
+        return {**summarise(results, space, preset, metric, args, name), "max_concurrent": max_concurrent}
 
 
 def summarise(results, space: dict, preset, metric: str, args, name: str) -> dict:
@@ -277,6 +286,7 @@ def summarise(results, space: dict, preset, metric: str, args, name: str) -> dic
         trial_id = metrics.get("trial_id") or "_".join(Path(result.path).name.split("_")[2:4])  # run_trial_<id>_<n>_...
         trials.append({"params": {key: config.get(key) for key in space},
                        metric: metrics.get(metric), "last_step": metrics.get("step"),
+                       "step_seconds": metrics.get("step_seconds"),
                        "status": "error" if result.error else (
                            "stopped early" if (metrics.get("step") or 0) < args.budget_steps else "completed"),
                        "error": root_cause(result.error) if result.error else None,

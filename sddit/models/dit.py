@@ -80,10 +80,24 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
 # Token masking: keep a random subset per sample, then put the rest back
 # ---------------------------------------------------------------------------------------------
 
-def random_keep(batch: int, length: int, mask_ratio: float, *, device=None, generator=None):
-    """Indices [N, int(L * (1 - r))] of the visible tokens, sorted, drawn independently per sample."""
+def random_keep(batch: int, length: int, mask_ratio: float, *, block_size: int = 1, device=None, generator=None):
+    """Indices [N, int(L * (1 - r))] of the visible tokens, sorted, drawn independently per sample.
+
+    block_size b > 1 masks in blocks of b x b patches (MaskDM's block-wise masks) on the sqrt(L) x sqrt(L)
+    grid: the blocks take a random order and become visible whole, in that order, until the count is
+    reached; the block at the boundary is split at random, so every sample keeps exactly the same number
+    of tokens (a batch needs that). Edge blocks of a grid that b does not divide are smaller.
+    """
     num_keep = int(length * (1 - mask_ratio))
-    scores = torch.rand(batch, length, device=device, generator=generator)
+    scores = torch.rand(batch, length, device=device, generator=generator)     # [N, L] in [0, 1)
+    if block_size > 1:
+        grid = math.isqrt(length)
+        block_row = torch.arange(grid, device=device) // block_size
+        per_row = -(-grid // block_size)
+        block_of = (block_row[:, None] * per_row + block_row[None, :]).flatten()   # [L], row-major tokens
+        order = torch.rand(batch, per_row ** 2, device=device, generator=generator).argsort(dim=1)
+        rank = order.argsort(dim=1)                                                 # [N, blocks]
+        scores = scores + rank[:, block_of]         # sorts by block rank first, then at random inside a block
     return scores.argsort(dim=1)[:, :num_keep].sort(dim=1).values
 
 

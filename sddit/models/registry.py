@@ -28,6 +28,7 @@ class ModelConfig:
     sigma_data: float = 0.5
     # masking and decoder
     mask_ratio: float = 0.0               # fraction of patch tokens the encoder does not see
+    mask_block_size: int = 1              # mask in blocks of b x b patches (MaskDM); 1: uniform random patches
     mask_token: bool = False              # fill invisible tokens with a learned token (MaskDiT) or the noisy patches (SD-DiT)
     mae_weight: float = 0.0               # MaskDiT's loss on masked patches
     decoder_depth: int = 0
@@ -63,6 +64,9 @@ class ModelConfig:
         need(self.hidden_size % self.num_heads == 0, "num_heads",
              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         need(0.0 <= self.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
+        grid = self.input_size // self.patch_size
+        need(1 <= self.mask_block_size <= grid, "mask_block_size",
+             f"must be in 1..{grid} (the patch grid's side), got {self.mask_block_size}")
         need(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
         need(self.decoder_depth >= 0, "decoder_depth", f"must be >= 0, got {self.decoder_depth}")
         if self.decoder_depth > 0:
