@@ -20,10 +20,10 @@ SMOKE = ["--sweep-samples", "2", "--sweep-budget", "8", "--train-steps", "8", "-
          "--eval-steps", "4"]
 
 
-def fake_ray(*node_cpus, dead=()):
+def fake_ray(*node_cpus, dead=(), gpus=0):
     nodes = [{"Alive": True, "Resources": {"CPU": cpus}} for cpus in node_cpus]
     nodes += [{"Alive": False, "Resources": {"CPU": cpus}} for cpus in dead]
-    return SimpleNamespace(nodes=lambda: nodes)
+    return SimpleNamespace(nodes=lambda: nodes, cluster_resources=lambda: {"CPU": sum(node_cpus), "GPU": gpus})
 
 
 @pytest.mark.parametrize("node_cpus, workers, expected", [
@@ -239,11 +239,6 @@ def test_ray_job_submit_runs_the_smoke_demo_on_a_two_node_cluster(loopback_clust
     assert all(child.info.status == "FINISHED" for child in children)
 
 
-def fake_cluster(*node_cpus, gpus=0):
-    nodes = [{"Alive": True, "Resources": {"CPU": cpus}} for cpus in node_cpus]
-    return SimpleNamespace(nodes=lambda: nodes, cluster_resources=lambda: {"CPU": sum(node_cpus), "GPU": gpus})
-
-
 @pytest.mark.parametrize("node_cpus, workers_per_trial, max_concurrent, expected", [
     ((2,), 1, None, (2, 1)),      # by default as many trials as there are CPUs, one CPU each
     ((8,), 2, None, (4, 1)),
@@ -254,13 +249,13 @@ def fake_cluster(*node_cpus, gpus=0):
 def test_trial_resources_share_the_cpus_among_the_concurrent_trials(node_cpus, workers_per_trial, max_concurrent,
                                                                     expected):
     from tuning.sweep import trial_resources
-    concurrent, cpus, gpus = trial_resources(fake_cluster(*node_cpus), workers_per_trial, 0, max_concurrent)
+    concurrent, cpus, gpus = trial_resources(fake_ray(*node_cpus), workers_per_trial, 0, max_concurrent)
     assert (concurrent, cpus) == expected and gpus == 0
 
 
 def test_trial_resources_never_oversubscribe_gpus():
     from sddit.errors import ConfigError
     from tuning.sweep import trial_resources
-    assert trial_resources(fake_cluster(16, gpus=2), 1, 1, 8)[:1] == (2,)
+    assert trial_resources(fake_ray(16, gpus=2), 1, 1, 8)[:1] == (2,)
     with pytest.raises(ConfigError, match="gpus_per_trial"):
-        trial_resources(fake_cluster(16, gpus=1), 1, 2, None)
+        trial_resources(fake_ray(16, gpus=1), 1, 2, None)

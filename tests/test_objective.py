@@ -8,6 +8,7 @@ from sddit.objective import after_step, make_generation_ema, training_loss
 from sddit.schedules import Schedules, cosine_schedule, ema_update, warmup_schedule
 from sddit.training import build_training, train_step
 from tests.conftest import tiny_config
+from tests.test_models import masked_blocks
 
 
 def batch(seed=0, n=8, channels=2, size=8, classes=5):
@@ -357,6 +358,4 @@ def test_training_loss_masks_in_the_configured_blocks(family, monkeypatch):
                         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
     [keep] = drawn
-    masked = torch.ones(4, 64).scatter_(1, keep, 0.0).view(4, 1, 8, 8)
-    blocks = torch.nn.functional.avg_pool2d(masked, 2).flatten(1)
-    assert set(blocks.unique().tolist()) == {0.0, 1.0}                     # whole 2x2 blocks masked or seen
+    assert set(masked_blocks(keep, 8, 2).unique().tolist()) == {0.0, 4.0}   # whole 2x2 blocks masked or seen

@@ -162,9 +162,9 @@ def trial_trainable(context: dict):
 def trial_resources(ray, workers_per_trial: int, gpus_per_trial: float, max_concurrent: int | None):
     """(concurrent trials, CPUs per worker, GPUs per worker): by default as many trials at once as the cluster
     holds with at least one CPU per worker, so a small machine never deadlocks; the CPUs are then shared evenly
-    among the running workers. An explicit `max_concurrent` beyond that shares the CPUs in fractions: on a
-    small machine short trials spend most of their time starting processes, and starting them all at once
-    overlaps those waits."""
+    among the running workers. An explicit `max_concurrent` beyond that shares the CPUs in fractions (one torch
+    thread per worker); GPUs are never shared that way. On 2 cores that was slower, not faster: 4 demo trials
+    at once spent longer starting their processes than 2 waves of 2 (README, "What the demo shows")."""
     from pipelines.common import cpus_per_worker as fitting_cpus
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
