@@ -120,6 +120,11 @@ class EncodeBatch:
         return batch
 
 
+def encode_without_weights(batch: dict, **encoder) -> dict:
+    """CPU task for a codec without weights (pixels): the same encoding as the actor, built per batch."""
+    return EncodeBatch(**encoder)(batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver: ordered results -> atomic shards
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +248,14 @@ def encode(args) -> Manifest:
         ds = ray.data.from_items(todo)
         ds = ds.map_batches(decode_batch, fn_kwargs={"root": str(root), "resolution": args.resolution},
                             batch_size=32, num_cpus=1)
-        ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"codec": args.codec, "vae": args.vae,
-                                                                "use_gpu": use_gpu, "repa": repa},
-                            compute=ActorPoolStrategy(size=max(num_gpus, 1) if use_gpu else 1),
-                            batch_size=batch_size, num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        encoder = {"codec": args.codec, "vae": args.vae, "use_gpu": use_gpu, "repa": repa}
+        if args.codec == "pixel" and repa is None:
+            # nothing to load: plain tasks (fused with decoding), no actor pool to start and restart
+            ds = ds.map_batches(encode_without_weights, fn_kwargs=encoder, batch_size=batch_size, num_cpus=1)
+        else:
+            ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs=encoder,
+                                compute=ActorPoolStrategy(size=max(num_gpus, 1) if use_gpu else 1),
+                                batch_size=batch_size, num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
         progress = Progress(len(todo), "encode")
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             writer.add(batch)

@@ -77,6 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-channels", type=int, default=None, metavar="K",
                         help="guide only the first K latent channels, the rest stay conditional (DiT's released "
                              "numbers use 3 of 4) (default: all channels)")
+    parser.add_argument("--guidance-factor", type=float, default=1.0, metavar="S",
+                        help="sample with the scale 1 + S (cfg_scale - 1): Berrada et al.'s law for a guidance scale "
+                             "tuned at another resolution (default 1: the scale as given)")
     parser.add_argument("--labels", dest="label_mode", default="balanced", choices=sorted(LABEL_MODES),
                         help="; ".join(f"{k}: {v}" for k, v in LABEL_MODES.items()) + " (default balanced)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -212,6 +215,8 @@ def default_out(checkpoint: Path, plan: SamplingPlan) -> Path:
         parts.append("interval{:g}-{:g}".format(*plan.guidance_interval))
     if plan.guidance_channels is not None:
         parts.append(f"ch{plan.guidance_channels}")
+    if plan.guidance_factor != 1.0:
+        parts.append(f"gf{plan.guidance_factor:g}")
     if plan.label_mode != "balanced":
         parts.append(f"labels-{plan.label_mode}")
     if plan.precision != "fp32":
@@ -248,7 +253,7 @@ def evaluate(args, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
     plan = SamplingPlan(args.num_samples, args.batch_size, config.model.num_classes, dataset["latent_shape"],
                         steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, label_mode=args.label_mode,
                         guidance_interval=args.guidance_interval, guidance_channels=args.guidance_channels,
-                        precision=args.precision, compile=args.compile)
+                        guidance_factor=args.guidance_factor, precision=args.precision, compile=args.compile)
     model_shape = [config.model.in_channels, config.model.input_size, config.model.input_size]
     if list(plan.latent_shape) != model_shape:
         raise EvaluationError(f"{checkpoint}: dataset latent_shape {list(plan.latent_shape)} does not match the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def use_store(uri: str):
     """Point MLflow at `uri` and the project's experiment, marked as a model-training experiment."""
     import mlflow
 
+    from pipelines.common import verbose
+    if not verbose():   # the store's INFO lines (creating and migrating tables, a new experiment) are noise
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(EXPERIMENT)
     if experiment.tags.get(KIND_TAG) != KIND:

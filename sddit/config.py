@@ -22,6 +22,10 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class DiffusionConfig:
     p_mean: float = -1.2                  # ln(sigma) ~ N(p_mean, p_std^2) in training
     p_std: float = 1.2
+    # training noise levels times this factor: ln(sigma) ~ N(p_mean + ln(sigma_scale), p_std^2). At s times the
+    # resolution of the recipe, s keeps the noise on the coarse structure where it was (README, "Resolution
+    # transfer"); the teacher's fixed sigma is not scaled
+    sigma_scale: float = 1.0
     label_dropout: float = 0.1            # labels replaced by the null class, for classifier-free guidance
     teacher_sigma: float = 0.002          # noise level of the teacher's input x0 + teacher_sigma * n
     # fixed: teacher_sigma; student: drawn per sample from the student's ln(sigma) ~ N(p_mean, p_std^2) (paper Fig. 6)
@@ -29,6 +33,7 @@ class DiffusionConfig:
 
     def validate(self):
         _check(self.p_std > 0, "diffusion.p_std", f"must be > 0, got {self.p_std}")
+        _check(self.sigma_scale > 0, "diffusion.sigma_scale", f"must be > 0, got {self.sigma_scale}")
         _check(0 <= self.label_dropout < 1, "diffusion.label_dropout", f"must be in [0, 1), got {self.label_dropout}")
         _check(self.teacher_sigma > 0, "diffusion.teacher_sigma", f"must be > 0, got {self.teacher_sigma}")
         _check(self.teacher_sigma_dist in ("fixed", "student"), "diffusion.teacher_sigma_dist",
@@ -103,11 +108,22 @@ class TrainConfig:
     max_bad_steps: int = 10                # consecutive non-finite steps before the run stops
     compile: bool = False                  # torch.compile student, head, teacher and loss (worth it on GPU)
     sample_cfg_scale: float = 1.5          # guidance for the sample grids logged during training
+    # the last fraction of `steps` (rounded to whole steps) is MaskDM's fine-tuning phase (MaskDiT's unmasking
+    # tuning): every token visible, the full denoising loss, the optimiser and EMAs carried on from the masked
+    # pre-training before it. A fraction, so a study or sweep that changes `steps` keeps the phases' proportions
+    unmasked_fraction: float = 0.0
 
     def validate(self):
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
+        _check(0 <= self.unmasked_fraction <= 1, "train.unmasked_fraction",
+               f"must be in [0, 1], got {self.unmasked_fraction}")
+
+    @property
+    def unmasked_from(self) -> int:
+        """The first step of the unmasked fine-tuning phase (`steps` when there is none)."""
+        return self.steps - round(self.unmasked_fraction * self.steps)
 
 
 @dataclass

@@ -64,6 +64,7 @@ class SamplingPlan:
     label_mode: str = "balanced"            # see LABEL_MODES
     guidance_interval: tuple[float, float] | None = None   # guide only at lo < sigma <= hi
     guidance_channels: int | None = None    # guide only the first k channels (None: all)
+    guidance_factor: float = 1.0            # the scale used is 1 + factor (cfg_scale - 1) (resolution transfer)
     precision: str = "fp32"                 # fp32 | bf16 (autocast around the network)
     compile: bool = False                   # torch.compile the network
 
@@ -78,6 +79,8 @@ class SamplingPlan:
             raise EvaluationError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.cfg_scale < 0:
             raise EvaluationError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.guidance_factor < 0:
+            raise EvaluationError(f"guidance_factor must be >= 0, got {self.guidance_factor}")
         if self.label_mode not in LABEL_MODES:
             raise EvaluationError(f"label_mode {self.label_mode!r}: expected one of {', '.join(LABEL_MODES)}")
         if self.label_mode == "exact" and self.num_classes and self.num_samples % self.num_classes:
@@ -91,6 +94,12 @@ class SamplingPlan:
                                   f"got {self.guidance_channels}")
         if self.precision not in ("fp32", "bf16"):
             raise EvaluationError(f"precision {self.precision!r}: expected fp32 or bf16")
+
+    @property
+    def guidance_scale(self) -> float:
+        """The scale the sampler uses: lambda' = 1 + s (lambda - 1), the law Berrada et al. (2024) give for
+        carrying a guidance scale tuned at one resolution to another; s = 1 leaves it as given."""
+        return 1.0 + self.guidance_factor * (self.cfg_scale - 1.0)
 
     @property
     def num_batches(self) -> int:
@@ -164,7 +173,7 @@ def sample_batch(network, codec, batch_index: int, plan: SamplingPlan, device="c
     labels = plan.labels(indices)
     y = None if labels is None else torch.from_numpy(labels).to(device)
     latent = edm_sample(network, plan.noise(indices).to(device), y, steps=plan.steps, sigma_min=plan.sigma_min,
-                        sigma_max=plan.sigma_max, rho=plan.rho, cfg_scale=plan.cfg_scale,
+                        sigma_max=plan.sigma_max, rho=plan.rho, cfg_scale=plan.guidance_scale,
                         guidance_interval=plan.guidance_interval, guidance_channels=plan.guidance_channels,
                         null_label=plan.num_classes or None)
     return to_uint8(codec.decode(latent.float())), labels

@@ -72,15 +72,19 @@ def repa_loss(aligned, features, ids_keep=None):
 
 
 def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: DiscriminationConfig,
-                  teacher_temp: float, generator: torch.Generator | None = None, features=None) -> LossOutput:
+                  teacher_temp: float, generator: torch.Generator | None = None, features=None,
+                  mask_ratio: float | None = None) -> LossOutput:
     """x0: clean latents [N, C, H, W]; labels: [N] int64 (ignored for unconditional models); features: the
-    external encoder's features of the clean images [N, T, D] (REPA only)."""
+    external encoder's features of the clean images [N, T, D] (REPA only); mask_ratio: this step's, when a
+    schedule changes it (None: the model's)."""
     net = unwrap(model)
     cfg = net.config
+    mask_ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     n_batch, device = x0.shape[0], x0.device
 
     # noise the data: x = x0 + sigma n, with EDM's log-normal sigma
-    sigma = sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std, device=device, generator=generator)
+    sigma = diffusion.sigma_scale * sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std, device=device,
+                                                 generator=generator)
     n = torch.randn(x0.shape, device=device, generator=generator)
     x = x0 + sigma * n
 
@@ -93,9 +97,9 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
 
     # choose the visible tokens, per sample
     ids_keep = None
-    if cfg.mask_ratio > 0:
-        ids_keep = random_keep(n_batch, net.num_patches, cfg.mask_ratio, block_size=cfg.mask_block_size,
-                               device=device, generator=generator)
+    if mask_ratio > 0:
+        ids_keep = random_keep(n_batch, net.num_patches, mask_ratio, block_size=cfg.mask_block_size,
+                               crop=cfg.mask_crop, device=device, generator=generator)
 
     # student: denoise from the visible tokens, head on CLS + visible tokens
     out = model(x, sigma, labels, ids_keep)
@@ -119,7 +123,8 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
     if net.teacher is not None:
         with torch.no_grad():
             if diffusion.teacher_sigma_dist == "student":
-                t_sigma = sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std, device=device, generator=generator)
+                t_sigma = diffusion.sigma_scale * sample_sigma(n_batch, diffusion.p_mean, diffusion.p_std,
+                                                               device=device, generator=generator)
             else:
                 t_sigma = torch.full((n_batch, 1, 1, 1), diffusion.teacher_sigma, device=device)
             _, _, c_in, c_noise = edm_coefficients(t_sigma, cfg.sigma_data)

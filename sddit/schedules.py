@@ -31,6 +31,8 @@ class Schedules:
                                             config.disc.teacher_temp_warmup_steps, steps)
         self.teacher_momentum = cosine_schedule(config.ema.teacher_momentum_start,
                                                 config.ema.teacher_momentum_end, steps)
+        # masked pre-training, then the unmasked fine-tuning phase (MaskDM), as a pure function of the step
+        self.mask_ratio = np.where(np.arange(steps) < config.train.unmasked_from, config.model.mask_ratio, 0.0)
         self._generation_decay = config.ema.generation_decay
         self._generation_warmup = config.ema.generation_warmup
 

@@ -23,6 +23,7 @@ from sddit.loader import LatentLoader, step_generator
 from sddit.models import build_from_config
 from sddit.objective import after_step, make_generation_ema, training_loss, unwrap
 from sddit.schedules import Schedules
+from sddit.transfer import load_weights, transfer_config
 
 
 def make_optimizer(model, config: Config) -> torch.optim.AdamW:
@@ -59,7 +60,8 @@ def train_step(model, optimizer, generation_ema, x0, labels, *, step: int, confi
     # forward and backward
     with autocast(config, x0.device):
         out = training_loss(model, x0, labels, diffusion=config.diffusion, disc=config.disc,
-                            teacher_temp=float(schedules.teacher_temp[step]), generator=generator, features=features)
+                            teacher_temp=float(schedules.teacher_temp[step]), generator=generator, features=features,
+                            mask_ratio=float(schedules.mask_ratio[step]))
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
 
@@ -204,16 +206,20 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     loader = LatentLoader(data_dir, rank=rank, world_size=world_size, batch_size=per_rank_batch,
                           seed=config.train.seed, device=device, features=config.model.repa_weight > 0)
     config = fit_to_dataset(config, loader.manifest, data_dir)
+    source = resume if resume is not None else init_from
+    if source is not None:                                  # perhaps trained at another resolution
+        config = transfer_config(config, source["config"])
 
-    # build the model, optimiser and EMAs; restore a checkpoint's state if resuming
+    # build the model, optimiser and EMAs; take a checkpoint's weights, or all its state if resuming
     torch.manual_seed(config.train.seed)                    # same initial weights on every rank
     model, optimizer, ema, schedules = build_training(config, device)
     step = 0
-    if resume is not None or init_from is not None:
-        payload = resume if resume is not None else init_from
-        model.load_state_dict(payload["model"])
-        ema.load_state_dict(payload["generation_ema"])
+    if init_from is not None:
+        load_weights(model, init_from["model"])
+        load_weights(ema, init_from["generation_ema"])
     if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["generation_ema"])
         optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
         set_rng_state(resume["rng"])
@@ -254,6 +260,7 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
             metrics.update(grad_norm=float(result.grad_norm), lr=optimizer.param_groups[0]["lr"],
                            teacher_temp=float(schedules.teacher_temp[step - 1]),
                            teacher_momentum=float(schedules.teacher_momentum[step - 1]),
+                           mask_ratio=float(schedules.mask_ratio[step - 1]),     # 0 from the unmasked phase on
                            skipped_steps=float(skipped), epoch=float(loader.position(step)["epoch"]),
                            images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9),
                            step_seconds=step_seconds)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -173,3 +175,24 @@ def test_mask_block_size_is_checked_against_the_patch_grid():
     with pytest.raises(ConfigError, match="model.mask_block_size"):
         tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=5)      # 8x8 input, patch 2: a 4x4 grid
     assert tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=4).model.mask_block_size == 4
+
+
+@pytest.mark.parametrize("grid, ratio", [(8, 0.75), (8, 0.5), (16, 0.6), (4, 0.0)])
+def test_crop_masks_keep_one_window_filled_row_by_row(grid, ratio):
+    from sddit.models.dit import random_keep
+    ids = random_keep(64, grid * grid, ratio, crop=True, generator=torch.Generator().manual_seed(2))
+    keep = int(grid * grid * (1 - ratio))
+    side = math.ceil(math.sqrt(keep))
+    assert ids.shape == (64, keep) and (ids[:, 1:] > ids[:, :-1]).all()
+    rows, cols = ids // grid, ids % grid
+    top, left = rows.min(dim=1).values, cols.min(dim=1).values
+    assert ((rows - top[:, None]) < side).all() and ((cols - left[:, None]) < side).all()   # inside one window
+    window = (rows - top[:, None]) * side + (cols - left[:, None])
+    assert torch.equal(window, torch.arange(keep).expand(64, -1))     # its first K cells, row by row
+    if side < grid:
+        assert len({(int(t), int(l)) for t, l in zip(top, left)}) > 1   # the window moves between samples
+
+
+def test_crop_and_block_masks_exclude_each_other():
+    with pytest.raises(ConfigError, match="model.mask_crop"):
+        tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=2, mask_crop=True)

@@ -19,7 +19,7 @@ def flat_config(arm, base):
 
 
 @pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures",
-                                   "disc-terms", "mask-blocks"])
+                                   "disc-terms", "mask-blocks", "maskdm"])
 def test_every_builtin_arm_builds_and_shares_the_backbone_batch_and_lr(study):
     from pipelines.study import STUDIES
     from sddit.config import load_preset
@@ -49,6 +49,10 @@ def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
     assert differs("SD-DiT-block2") == {"model.mask_block_size"}
     maskdit_block = flat_config("MaskDiT-block4", base)
     assert {k for k, v in maskdit_block.items() if v != flat_config("MaskDiT", base)[k]} == {"model.mask_block_size"}
+    maskdm = flat_config("MaskDM", base)
+    assert {k for k, v in maskdm.items() if v != flat_config("MaskDiT", base)[k]} == {
+        "model.mae_weight", "train.unmasked_fraction"}                   # masked score matching, then no masks
+    assert {k for k, v in flat_config("MaskDM-crop", base).items() if v != maskdm[k]} == {"model.mask_crop"}
     dit = flat_config("DiT", base)
     assert dit["model.name"] == "DiT-S/2" and dit["model.decoder_depth"] == 0 and dit["model.disc_weight"] == 0
     maskdit = flat_config("MaskDiT", base)

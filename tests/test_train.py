@@ -55,27 +55,77 @@ class CrashAt(LocalHooks):
             raise KeyboardInterrupt(f"killed at step {step}")
 
 
-def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
-    config = load_preset(preset)
+def resumes_bitwise_exactly(config, dataset, tmp_path, crash_at: int, init_from=None) -> dict:
+    """Train straight through; train again, killed after step `crash_at`, and resume from the last checkpoint:
+    the two end states are bitwise equal. Returns the final checkpoint."""
     straight = LocalHooks(tmp_path / "straight", verbose=False)
-    train_loop(copy.deepcopy(config), dataset, hooks=straight)
+    train_loop(copy.deepcopy(config), dataset, hooks=straight, init_from=init_from)
     reference = load_checkpoint(straight.latest())
-    assert reference["step"] == 8
+    assert reference["step"] == config.train.steps
 
-    crashed = CrashAt(tmp_path / "crashed", at=4)            # checkpoint at 3, killed at 4
+    crashed = CrashAt(tmp_path / "crashed", at=crash_at)
     with pytest.raises(KeyboardInterrupt):
-        train_loop(copy.deepcopy(config), dataset, hooks=crashed)
+        train_loop(copy.deepcopy(config), dataset, hooks=crashed, init_from=init_from)
     partial = load_checkpoint(crashed.latest())
-    assert partial["step"] == 3 and partial["data_position"]["batch_in_epoch"] == 3
+    every = config.train.checkpoint_every
+    assert partial["step"] == crash_at // every * every
     resumed = LocalHooks(tmp_path / "crashed", verbose=False)
     train_loop(copy.deepcopy(config), dataset, hooks=resumed, resume=partial)
     final = load_checkpoint(resumed.latest())
-    assert final["step"] == 8
+    assert final["step"] == config.train.steps
     assert state_equal(final["model"], reference["model"])                 # student, teacher, centres
     assert state_equal(final["generation_ema"], reference["generation_ema"])
     assert final["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
     for key, slots in reference["optimizer"]["state"].items():
         assert all(torch.equal(v, final["optimizer"]["state"][key][name]) for name, v in slots.items())
+    assert final["config"] == reference["config"]
+    return final
+
+
+def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
+    # checkpoint at 3, killed at 4: the data position resumes mid-epoch
+    final = resumes_bitwise_exactly(load_preset(preset), dataset, tmp_path, crash_at=4)
+    assert final["data_position"]["epoch"] >= 0
+
+
+class RecordMetrics(LocalHooks):
+    def __init__(self, run_dir):
+        super().__init__(run_dir, verbose=False)
+        self.metrics = {}
+
+    def log(self, step, metrics, checkpoint_follows=False):
+        self.metrics[step] = metrics
+
+
+@pytest.mark.parametrize("crash_at", [4, 7])                    # resumed in the masked phase, then the unmasked one
+def test_masked_pretraining_then_unmasked_finetuning_resumes_exactly_in_either_phase(dataset, preset, tmp_path,
+                                                                                      crash_at):
+    config = apply_overrides(load_preset(preset), ["model.mask_ratio=0.5", "train.unmasked_fraction=0.375"])
+    resumes_bitwise_exactly(config, dataset, tmp_path, crash_at=crash_at)
+    hooks = RecordMetrics(tmp_path / "logged")
+    train_loop(copy.deepcopy(config), dataset, hooks=hooks)
+    assert {step: m["mask_ratio"] for step, m in hooks.metrics.items()} == {2: 0.5, 4: 0.5, 6: 0.0, 8: 0.0}
+
+
+@pytest.fixture(scope="module")
+def dataset16(ray_session, image_tree, tmp_path_factory):
+    from pipelines.encode import main as encode
+    root, _ = image_tree
+    out = tmp_path_factory.mktemp("train-data") / "pixel16"
+    encode(["--data", str(root), "--out", str(out), "--codec", "pixel", "--resolution", "16",
+            "--rows-per-shard", "16", "--run-dir", str(out.parent / "runs")])
+    return out
+
+
+def test_a_low_resolution_checkpoint_initialises_a_high_resolution_run_that_resumes_exactly(
+        dataset, dataset16, preset, tmp_path):
+    low = LocalHooks(tmp_path / "low", verbose=False)
+    train_loop(load_preset(preset), dataset, hooks=low)
+    source = load_checkpoint(low.latest())
+    config = apply_overrides(load_preset(preset), ["data.resolution=16", "diffusion.sigma_scale=2"])
+    final = resumes_bitwise_exactly(config, dataset16, tmp_path, crash_at=4, init_from=source)
+    assert final["config"].model.input_size == 16 and final["config"].model.pos_embed_grid == 4
+    assert final["model"]["denoiser.net.encoder.pos_embed"].shape[1] == 64       # an 8x8 grid over the 4x4 span
 
 
 def test_nan_steps_are_skipped_then_the_run_stops_keeping_the_last_good_checkpoint(dataset, preset, tmp_path,

@@ -69,9 +69,15 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # [M, dim]
 
 
-def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
-    """[grid_size**2, dim]: half the channels encode the row, half the column."""
-    coords = np.arange(grid_size, dtype=np.float64)
+def sincos_2d(dim: int, grid_size: int, span: int | None = None) -> np.ndarray:
+    """[grid_size**2, dim]: half the channels encode the row, half the column.
+
+    `span`: the grid side the positions cover. A grid of another size is resampled onto it, cell centres
+    to cell centres (position (i + 1/2) span / grid - 1/2), so a model trained on a span x span grid sees
+    the positions it knows, interpolated, rather than new ones beyond its range (resolution transfer).
+    """
+    span = grid_size if span is None else span
+    coords = (np.arange(grid_size, dtype=np.float64) + 0.5) * span / grid_size - 0.5
     grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, matching row-major patches
     return np.concatenate([sincos_1d(dim // 2, grid_w), sincos_1d(dim // 2, grid_h)], axis=1)
 
@@ -80,17 +86,28 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
 # Token masking: keep a random subset per sample, then put the rest back
 # ---------------------------------------------------------------------------------------------
 
-def random_keep(batch: int, length: int, mask_ratio: float, *, block_size: int = 1, device=None, generator=None):
+def random_keep(batch: int, length: int, mask_ratio: float, *, block_size: int = 1, crop: bool = False,
+                device=None, generator=None):
     """Indices [N, int(L * (1 - r))] of the visible tokens, sorted, drawn independently per sample.
 
     block_size b > 1 masks in blocks of b x b patches (MaskDM's block-wise masks) on the sqrt(L) x sqrt(L)
     grid: the blocks take a random order and become visible whole, in that order, until the count is
     reached; the block at the boundary is split at random, so every sample keeps exactly the same number
     of tokens (a batch needs that). Edge blocks of a grid that b does not divide are smaller.
+    crop keeps one window instead (MaskDM's crop masks): K visible tokens fill a ceil(sqrt(K))-sided square
+    at a random place row by row, so the last row of the window may be partial and every sample keeps K.
     """
     num_keep = int(length * (1 - mask_ratio))
     scores = torch.rand(batch, length, device=device, generator=generator)     # [N, L] in [0, 1)
-    if block_size > 1:
+    if crop:
+        grid = math.isqrt(length)
+        side = math.isqrt(max(num_keep - 1, 0)) + 1                          # ceil(sqrt(K)) for K >= 1
+        corner = torch.randint(0, grid - side + 1, (2, batch, 1), device=device, generator=generator)
+        token = torch.arange(length, device=device)
+        row, col = token // grid - corner[0], token % grid - corner[1]     # [N, L] inside the window
+        inside = (row >= 0) & (row < side) & (col >= 0) & (col < side)
+        scores = torch.where(inside, (row * side + col).float(), float(length) + scores)
+    elif block_size > 1:
         grid = math.isqrt(length)
         block_row = torch.arange(grid, device=device) // block_size
         per_row = -(-grid // block_size)
@@ -237,6 +254,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
+        self.position_span = config.pos_embed_grid or config.input_size // config.patch_size
         self.encoder = Encoder(
             input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
             hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
@@ -278,9 +296,10 @@ def initialize_backbone(net: Backbone) -> None:
 
     enc, dec = net.encoder, net.decoder
     grid = int(enc.x_embedder.num_patches ** 0.5)
-    enc.pos_embed.data.copy_(torch.from_numpy(sincos_2d(enc.pos_embed.shape[-1], grid)).float()[None])
-    if dec.pos_embed is not None:
-        dec.pos_embed.data.copy_(torch.from_numpy(sincos_2d(dec.pos_embed.shape[-1], grid)).float()[None])
+    for pos_embed in (enc.pos_embed, dec.pos_embed):
+        if pos_embed is not None:
+            table = sincos_2d(pos_embed.shape[-1], grid, net.position_span)
+            pos_embed.data.copy_(torch.from_numpy(table).float()[None])
 
     w = enc.x_embedder.proj.weight.data                     # initialise the conv like a Linear
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))

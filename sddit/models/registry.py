@@ -25,10 +25,14 @@ class ModelConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     learn_sigma: bool = False             # DiT's extra variance channels; EDM does not use them
+    # the patch-grid side the sinusoidal positions span (0: this model's own grid). A model initialised from
+    # a checkpoint of another resolution keeps the checkpoint's span, its own grid resampled onto it
+    pos_embed_grid: int = 0
     sigma_data: float = 0.5
     # masking and decoder
     mask_ratio: float = 0.0               # fraction of patch tokens the encoder does not see
     mask_block_size: int = 1              # mask in blocks of b x b patches (MaskDM); 1: uniform random patches
+    mask_crop: bool = False               # the visible tokens are one random square crop (MaskDM's crop masks)
     mask_token: bool = False              # fill invisible tokens with a learned token (MaskDiT) or the noisy patches (SD-DiT)
     mae_weight: float = 0.0               # MaskDiT's loss on masked patches
     decoder_depth: int = 0
@@ -58,6 +62,8 @@ class ModelConfig:
         for field in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
                       "head_hidden_size", "head_bottleneck_size", "head_out_size"):
             need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+        need(self.pos_embed_grid >= 0, "pos_embed_grid",
+             f"must be >= 0 (0 = the model's own grid), got {self.pos_embed_grid}")
         need(self.num_classes >= 0, "num_classes", f"must be >= 0 (0 = unconditional), got {self.num_classes}")
         need(self.input_size % self.patch_size == 0, "input_size",
              f"{self.input_size} is not divisible by patch_size {self.patch_size}")
@@ -67,6 +73,8 @@ class ModelConfig:
         grid = self.input_size // self.patch_size
         need(1 <= self.mask_block_size <= grid, "mask_block_size",
              f"must be in 1..{grid} (the patch grid's side), got {self.mask_block_size}")
+        need(not (self.mask_crop and self.mask_block_size > 1), "mask_crop",
+             "crop masks and block masks (mask_block_size > 1) exclude each other")
         need(self.sigma_data > 0, "sigma_data", f"must be > 0, got {self.sigma_data}")
         need(self.decoder_depth >= 0, "decoder_depth", f"must be >= 0, got {self.decoder_depth}")
         if self.decoder_depth > 0:
