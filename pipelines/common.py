@@ -70,9 +70,10 @@ def init_ray(address: str | None = None, **kwargs):
         # The Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s to be
         # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        # Token authentication, as Ray enables by default for a new local runtime, but asked for by name: left
-        # to the default, Ray prints a notice about it at every start.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray enables token authentication for a new local runtime and says so at every start: that notice
+        # only with --verbose (setting RAY_AUTH_MODE here instead would come too late for this process)
+        if not verbose():
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
                  **kwargs)
