@@ -81,7 +81,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     # ratio 0.5 for the first 3/4 of the images, then the full denoising loss without masks; its mask types
     **{f"MaskDM{kind}": ("MaskDiT", ["model.mae_weight=0", "train.unmasked_fraction=0.25", *extra])
        for kind, extra in (("", []), ("-block2", ["model.mask_block_size=2"]), ("-crop", ["model.mask_crop=true"]))},
+    # resolution transfer (Berrada et al. 2024): the family's config at the study's resolution, initialised from
+    # a pre-training run of the same family on --pretrain-data (a lower resolution), positions resampled
+    **{f"{family}-transfer": (family, []) for family in ("DiT", "SD-DiT")},
 }
+TRANSFERRED = {arm for arm in ARMS if arm.endswith("-transfer")}
 STUDIES = {
     "paper-fig3": ["DiT", "MaskDiT", "SD-DiT"],
     "paper-tab3": ["SD-DiT", "SD-DiT-no-disc", "SD-DiT-no-mask"],
@@ -92,6 +96,7 @@ STUDIES = {
     "repa": ["DiT", "DiT-REPA", "SD-DiT", "SD-DiT-REPA"],
     "mask-blocks": ["MaskDiT", "MaskDiT-block2", "MaskDiT-block4", "SD-DiT", "SD-DiT-block2", "SD-DiT-block4"],
     "maskdm": ["DiT", "MaskDM", "MaskDM-block2", "MaskDM-crop"],
+    "transfer": ["DiT", "DiT-transfer", "SD-DiT", "SD-DiT-transfer"],
 }
 # the paper's figures for each study (ImageNet-256, S/2 at 400k steps unless noted), quoted in summary.md
 PAPER = {
@@ -107,6 +112,8 @@ PAPER = {
                    "better at low mask ratios, smaller ones at high ratios",
     "maskdm": "MaskDM (Lei et al. 2023): masked pre-training then fine-tuning reaches a from-scratch model's FID with "
               "about 4x fewer fine-tuning steps; block-wise masks best among its mask types",
+    "transfer": "Berrada et al. (2024): pre-training at low resolution, then transferring, gives about 25% better "
+                "FID than training at the high resolution alone, at equal high-resolution steps",
 }
 METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
 LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "loss_repa", "target_entropy_cls", "target_entropy_patch",
@@ -158,6 +165,11 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default=None,
                         help="held-out dataset (written by pipelines/encode.py at the same resolution) that the FID "
                              "judge is trained on and the reference statistics come from (default: --data itself)")
+    parser.add_argument("--pretrain-data", default=None,
+                        help="dataset at a lower resolution (same codec) for the -transfer arms' pre-training runs")
+    parser.add_argument("--pretrain-images", type=int, default=None,
+                        help="images each -transfer arm pre-trains on at --pretrain-data's resolution (default: "
+                             "--images-per-arm); the cost is reported beside the results, not subtracted from them")
     parser.add_argument("--preset", default=None,
                         help=f"base config every arm shares: backbone, batch, lr ({', '.join(preset_names())} or a "
                              f"YAML path; default fashion-mnist for pixel datasets, imagenet256-S2 for SD-VAE latents)")
@@ -178,8 +190,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster fits)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps"):
-        if getattr(args, flag) < 1:
+    for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps", "pretrain_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.eval_samples < 2:
         parser.error("--eval-samples must be >= 2 (FID needs a covariance)")
@@ -219,11 +231,16 @@ def plan_study(args) -> dict:
         if held_out.latent_shape != manifest.latent_shape or held_out.settings.codec != codec:
             raise DataError(f"{Path(args.reference) / 'manifest.json'}: codec {held_out.settings.codec} and shape "
                             f"{held_out.latent_shape} differ from the training data's {codec} {manifest.latent_shape}")
+    pretrain_runs, pretrain = {}, plan_pretraining(args, arms, base, manifest)
     runs = {}
     for arm in arms:
         overrides = arm_overrides(arm, base.model.name, custom)
         for seed in range(args.seeds):
             label = f"{arm}@seed{seed}"
+            origin = {}
+            if arm in TRANSFERRED:
+                pretrain_runs[label] = pretraining_run(args, arm, seed, base, overrides, pretrain)
+                origin = {"pretrain": label, "pretrain_name": pretrain_runs[label]["name"]}
             # an arm that cannot be built, or that this dataset cannot feed (REPA without features), fails here
             try:
                 config = fit_to_dataset(apply_overrides(base, overrides + [f"train.seed={seed}"]), manifest, args.data)
@@ -231,28 +248,79 @@ def plan_study(args) -> dict:
                 raise DataError(f"arm {arm}: {error}") from error
             # the run's name carries its config's digest: a rerun continues a run only if nothing about it
             # changed; with other settings under the same --name it starts new runs instead of mixing them
-            digest = hashlib.sha256(json.dumps(config.flat(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+            digest = hashlib.sha256(json.dumps({**config.flat(), **origin}, sort_keys=True,
+                                               default=str).encode()).hexdigest()[:8]
             runs[label] = {"arm": arm, "seed": seed, "overrides": overrides + [f"train.seed={seed}"],
                            "name": f"study-{args.name}-{slug(arm)}-seed{seed}-{digest}",
-                           "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed}}
+                           "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed}, **origin}
     extractor = "domain" if codec == "pixel" else "inception"
     return {"name": args.name, "arms": arms, "base": base, "preset": preset_name, "steps": steps, "every": every,
-            "images": steps * batch, "extractor": extractor, "runs": runs}
+            "images": steps * batch, "extractor": extractor, "runs": runs, "pretrain_runs": pretrain_runs,
+            "pretrain": pretrain}
+
+
+def plan_pretraining(args, arms: list[str], base, manifest) -> dict | None:
+    """The transfer arms' pre-training schedule on --pretrain-data: {resolution, steps, images, data}, or None."""
+    if not TRANSFERRED & set(arms):
+        return None
+    if not args.pretrain_data:
+        raise ConfigError("pretrain_data", f"arms {sorted(TRANSFERRED & set(arms))} pre-train on a lower-resolution "
+                                           f"dataset: give --pretrain-data (pipelines/encode.py --resolution R)")
+    low = Manifest.read(args.pretrain_data)
+    where = Path(args.pretrain_data) / "manifest.json"
+    if low.settings.codec != manifest.settings.codec or low.latent_shape[0] != manifest.latent_shape[0]:
+        raise DataError(f"{where}: codec {low.settings.codec} with {low.latent_shape[0]} channels; the training "
+                        f"data's is {manifest.settings.codec} with {manifest.latent_shape[0]}")
+    if low.settings.resolution == manifest.settings.resolution:
+        raise DataError(f"{where}: the same resolution as --data ({low.settings.resolution}); nothing to transfer")
+    steps = math.ceil((args.pretrain_images or args.images_per_arm) / base.optim.batch_size)
+    return {"resolution": low.settings.resolution, "steps": steps, "images": steps * base.optim.batch_size,
+            "data": str(Path(args.pretrain_data).resolve())}
+
+
+def pretraining_run(args, arm: str, seed: int, base, overrides: list[str], pretrain: dict) -> dict:
+    """The run a transfer arm starts from: its family at the pre-training resolution, without evaluations
+    (the judge and the reference are the study's resolution's), one checkpoint at the end."""
+    schedule = [f"data.resolution={pretrain['resolution']}", f"train.steps={pretrain['steps']}",
+                f"train.log_every={max(pretrain['steps'] // 4, 1)}", f"train.checkpoint_every={pretrain['steps']}",
+                f"train.sample_every={pretrain['steps']}", f"train.seed={seed}"]
+    config = apply_overrides(base, overrides + schedule).flat()
+    digest = hashlib.sha256(json.dumps({**config, "data": pretrain["data"]}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:8]
+    return {"arm": arm, "seed": seed, "overrides": overrides + schedule, "data": pretrain["data"], "proxy": None,
+            "steps": pretrain["steps"], "name": f"study-{args.name}-{slug(arm)}-pretrain-seed{seed}-{digest}",
+            "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed, "study.stage": "pretrain"}}
+
+
+def final_checkpoint(storage: Path, run: dict) -> Path | None:
+    """The checkpoint a finished pre-training run left in its Ray Train storage, or None."""
+    from sddit.checkpoint import load_checkpoint
+    found = sorted((storage / run["name"]).glob("checkpoint_*/checkpoint.pt"))
+    if found and load_checkpoint(found[-1].parent)["step"] >= run["steps"]:
+        return found[-1].parent
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Running the grid
 # ---------------------------------------------------------------------------------------------
 
-def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) -> dict[str, str]:
-    """The runs in `todo` as one Tune grid of Ray Train runs; -> {label: error} of the runs that failed."""
+def storage_of(args) -> Path:
+    return Path(args.storage or Path(args.run_dir) / "ray").resolve()
+
+
+def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, runs: dict | None = None,
+             what: str = "runs") -> dict[str, str]:
+    """The runs in `todo` (of `runs`, default the study's) as one Tune grid of Ray Train runs; -> {label: error}
+    of the runs that failed."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import init_ray, tune_verbosity
     from tuning.sweep import prepare_judge, root_cause, trial_resources, trial_trainable
 
-    storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
+    runs = plan["runs"] if runs is None else runs
+    storage = storage_of(args)
     judge_dir = str(Path(args.reference or args.data).resolve())
     prepare_judge(plan["extractor"], judge_dir)
     ray = init_ray(args.address)
@@ -260,20 +328,21 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) ->
         ray, 1, 1 if args.use_gpu else 0, args.max_concurrent)
     context = {
         "base_config": plan["base"].to_dict(), "data": str(Path(args.data).resolve()),
-        "runs": {label: plan["runs"][label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
+        "runs": {label: runs[label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
         "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
         "gpus_per_worker": gpus_per_worker,
         "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
                   "extractor": plan["extractor"], "reference": judge_dir},
     }
-    print(f"study {plan['name']}: {len(todo)} runs of {plan['steps']} steps ({plan['images']} images), "
+    steps = runs[todo[0]].get("steps", plan["steps"])
+    print(f"study {plan['name']}: {len(todo)} {what} of {steps} steps ({steps * plan['base'].optim.batch_size} images), "
           f"{concurrent} at a time with {cpus_per_worker} CPU(s) each", flush=True)
     tuner = tune.Tuner(
         trial_trainable(context),
         param_space={"run": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
         # a new Tune experiment per invocation; the Train runs inside keep their names and so their checkpoints
-        run_config=tune.RunConfig(name=f"study-{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_config=tune.RunConfig(name=f"study-{plan['name']}-{what}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(storage), verbose=tune_verbosity(),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
@@ -384,6 +453,12 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> No
              f" tokens. Values are mean ± standard deviation over seeds.", ""]
     if plan["name"] in PAPER:
         lines += [f"Paper: {PAPER[plan['name']]}.", ""]
+    if plan["pretrain"]:
+        pre = plan["pretrain"]
+        lines += [f"The -transfer arms start from a run of their family at {pre['resolution']} px ({pre['images']} "
+                  f"images, {pre['steps']} steps, on {pre['data']}), its position table resampled onto the "
+                  f"{plan['base'].data.resolution} px grid; that pre-training is extra compute, not in 'images seen'.",
+                  ""]
     failed = {label: o for label, o in outcomes.items() if o["status"] != "completed"}
     if failed:
         lines += ["## Runs that did not finish", ""]
@@ -509,7 +584,10 @@ def study(args) -> dict:
             parent_run_id = run.info.run_id
     todo = [label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
             if o["status"] != "completed"]
+    pretrain_errors = pretrain_transfer_arms(args, plan, todo, parent_run_id, uri)
+    todo = [label for label in todo if label not in pretrain_errors]
     errors = run_grid(args, plan, todo, parent_run_id, uri) if todo else {}
+    errors.update(pretrain_errors)
     if not todo:
         print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
     done = evaluated_steps(client, plan)
@@ -520,6 +598,26 @@ def study(args) -> dict:
     print(f"study {plan['name']}: {len(plan['runs']) - len(failed)} of {len(plan['runs'])} runs finished"
           + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; report: {out / 'summary.md'}", flush=True)
     return summary
+
+
+def pretrain_transfer_arms(args, plan: dict, todo: list[str], parent_run_id: str, uri: str) -> dict[str, str]:
+    """Run the pre-training of every unfinished transfer run first (a grid of its own, finished ones kept), then
+    point each transfer run at its checkpoint; -> {label: error} of the transfer runs that cannot start."""
+    storage = storage_of(args)
+    needed = {plan["runs"][label]["pretrain"] for label in todo if "pretrain" in plan["runs"][label]}
+    pending = sorted(label for label in needed if final_checkpoint(storage, plan["pretrain_runs"][label]) is None)
+    failed = run_grid(args, plan, pending, parent_run_id, uri, plan["pretrain_runs"], "pre-training runs") \
+        if pending else {}
+    errors = {}
+    for label in todo:
+        run = plan["runs"][label]
+        if "pretrain" in run:
+            checkpoint = final_checkpoint(storage, plan["pretrain_runs"][run["pretrain"]])
+            if checkpoint is None:
+                errors[label] = f"its pre-training did not finish: {failed.get(run['pretrain'], 'no final checkpoint')}"
+            else:
+                run["init_from"] = str(checkpoint)
+    return errors
 
 
 def main(argv=None):

@@ -276,4 +276,5 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
         # save snapshot
         if checkpointing:
             hooks.checkpoint(step, save, metrics)
+    loader.close()
     return metrics

@@ -115,7 +115,8 @@ def run_trial(trial: dict, context: dict) -> None:
 
     A sweep's trial holds searched values of config fields; a study's trial (pipelines/study.py) names one
     of the fixed runs in context["runs"] (an arm x seed: its overrides and a name that stays the same
-    across reruns, so an interrupted run continues from its checkpoint)."""
+    across reruns, so an interrupted run continues from its checkpoint; a run may bring its own dataset, its
+    initial weights and its evaluation, as a study's resolution-transfer stages do)."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -124,6 +125,7 @@ def run_trial(trial: dict, context: dict) -> None:
     from pipelines.common import train_logging, verbose
     from pipelines.tracking import use_store
     from pipelines.train import find_or_start_mlflow_run, train_worker
+    run_spec = {}
     if "runs" in context:
         run_spec = context["runs"][trial["run"]]
         overrides, name, tagged = run_spec["overrides"], run_spec["name"], run_spec["params"]
@@ -136,9 +138,11 @@ def run_trial(trial: dict, context: dict) -> None:
     with find_or_start_mlflow_run(name, {**config.flat(), **tagged}, parent_run_id=context["sweep_run_id"]) as run:
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": config.to_dict(), "data": context["data"], "init_from": None,
-                               "mlflow_uri": context["mlflow_uri"], "mlflow_run_id": run.info.run_id, "kill": None,
-                               "cpus_per_worker": context["cpus_per_worker"], "proxy": context["proxy"],
+            train_loop_config={"config": config.to_dict(), "data": run_spec.get("data", context["data"]),
+                               "init_from": run_spec.get("init_from"), "mlflow_uri": context["mlflow_uri"],
+                               "mlflow_run_id": run.info.run_id, "kill": None,
+                               "cpus_per_worker": context["cpus_per_worker"],
+                               "proxy": run_spec.get("proxy", context["proxy"]),
                                "name": name, "verbose": verbose()},
             scaling_config=ScalingConfig(num_workers=context["workers"], use_gpu=context["gpus_per_worker"] > 0,
                                          resources_per_worker={"CPU": context["cpus_per_worker"],

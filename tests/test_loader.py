@@ -1,0 +1,106 @@
+"""The training reader: disjoint streamed shares, a pure function of the step, bounded memory."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sddit.loader as loader_module
+from sddit.loader import LatentLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synthetic_latents import write_latent_dataset  # noqa: E402
+
+ROWS = 300
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """300 rows in shards of 16 (the last one 12); a row's label is its index (classes >= rows)."""
+    out = tmp_path_factory.mktemp("latents") / "data"
+    write_latent_dataset(out, ROWS, rows_per_shard=16, stored_shape=(2, 2, 2), classes=ROWS)
+    return out
+
+
+def epoch_rows(directory, rank, world_size, epoch, batch_size=8, window=3):
+    loader = LatentLoader(directory, rank=rank, world_size=world_size, batch_size=batch_size, seed=5, device="cpu",
+                          window=window)
+    spe = loader.steps_per_epoch
+    rows = np.concatenate([loader.batch(epoch * spe + i).labels.numpy() for i in range(spe)])
+    loader.close()
+    return rows, spe
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_take_disjoint_equal_shares_each_epoch(latents, world_size):
+    shares = [epoch_rows(latents, rank, world_size, epoch=1) for rank in range(world_size)]
+    steps = {spe for _, spe in shares}
+    assert len(steps) == 1                                              # lockstep: the same steps on every rank
+    rows = np.concatenate([r for r, _ in shares])
+    assert len(np.unique(rows)) == len(rows)                            # disjoint, and no row twice in an epoch
+    # at most the rows of one 16-row shard per rank left unread
+    assert len(rows) >= ROWS - world_size * 16 - world_size * 8
+
+
+def test_every_epoch_is_a_new_order(latents):
+    first, _ = epoch_rows(latents, 0, 1, epoch=0)
+    second, _ = epoch_rows(latents, 0, 1, epoch=1)
+    assert len(set(first) & set(second)) >= len(first) - 8              # the rows left over differ, at most a batch
+    assert not np.array_equal(first[:50], second[:50])
+
+
+def test_rows_move_only_within_their_window_of_shards(latents):
+    loader = LatentLoader(latents, rank=1, world_size=2, batch_size=8, seed=5, device="cpu", window=3)
+    loader.batch(0)
+    shards = loader._groups[0]                                         # the first window's shards
+    in_window = np.concatenate([np.arange(s * 16, min(s * 16 + 16, ROWS)) for s in loader.blocks[shards, 0]])
+    size = len(in_window)
+    rows = np.concatenate([loader.batch(i).labels.numpy() for i in range(size // 8)])
+    assert set(rows) <= set(in_window)
+    loader.close()
+
+
+def test_any_step_read_cold_equals_the_same_step_read_in_order(latents):
+    """What exact resume needs: a new reader asked for step s returns what a reader that got there returns."""
+    warm = LatentLoader(latents, rank=0, world_size=2, batch_size=8, seed=5, device="cpu", window=3)
+    spe = warm.steps_per_epoch
+    in_order = [warm.batch(step) for step in range(3 * spe)]
+    for step in (0, 5, spe - 1, spe, 2 * spe + 3):
+        cold = LatentLoader(latents, rank=0, world_size=2, batch_size=8, seed=5, device="cpu", window=3)
+        batch = cold.batch(step)
+        assert np.array_equal(batch.labels, in_order[step].labels)
+        assert np.array_equal(batch.x0, in_order[step].x0)                # the same latent sample, too
+        cold.close()
+    warm.close()
+
+
+def test_memory_holds_two_windows_and_start_up_reads_only_its_own_shards(latents, monkeypatch):
+    read = []
+    real = loader_module.read_shard
+
+    def recording(path, columns):
+        read.append(Path(path).name)
+        return real(path, columns)
+
+    monkeypatch.setattr(loader_module, "read_shard", recording)
+    files = {}
+    for rank in range(2):
+        read.clear()
+        loader = LatentLoader(latents, rank=rank, world_size=2, batch_size=8, seed=5, device="cpu", window=3)
+        loader.batch(0)
+        loader._reader.submit(lambda: None).result()                    # let the read-ahead finish
+        mine = {loader.manifest.shards[s]["file"] for g in loader._groups[:2] for s in loader.blocks[g, 0]}
+        assert set(read) <= mine and len(read) <= 6                    # the first window and the next
+        files[rank] = set(read)
+        for step in range(loader.steps_per_epoch):
+            loader.batch(step)
+            assert len(loader._windows) <= 2
+        loader.close()
+    assert not files[0] & files[1]
+
+
+def test_a_dataset_with_fewer_shards_than_workers_is_split_into_pieces(tmp_path):
+    write_latent_dataset(tmp_path / "one", 50, rows_per_shard=64, stored_shape=(2, 2, 2), classes=50)
+    halves = [epoch_rows(tmp_path / "one", rank, 2, epoch=0) for rank in range(2)]
+    rows = np.concatenate([r for r, _ in halves])
+    assert len(np.unique(rows)) == len(rows) == 2 * 3 * 8              # 25 rows each: 3 batches of 8
