@@ -49,3 +49,14 @@ def test_step_time_bench_times_the_repa_term(tmp_path):
     for base, repa in zip(record["rows"][0::2], record["rows"][1::2]):
         assert repa["gflops_per_image"] > base["gflops_per_image"] and repa["student_params_m"] > base["student_params_m"]
     assert set(record["repa_over_plain_step_time"]) == {"DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"}
+
+
+def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):
+    subprocess.run([sys.executable, "bench/loader_scale.py", "--sizes", "5000", "--workers", "1,2",
+                    "--unique-shards", "1", "--data-root", str(tmp_path / "data"), "--steps", "3", "--batch-size", "64",
+                    "--out", str(tmp_path / "scale")], check=True, cwd=Path(__file__).resolve().parents[1])
+    rows = [json.loads(line) for line in (tmp_path / "scale.jsonl").read_text().splitlines()]
+    assert [(r["rows"], r["world_size"]) for r in rows] == [(5000, 1), (5000, 2)]
+    assert rows[0]["epoch_share"] == 1.0 and 0.5 < rows[1]["epoch_share"] < 0.9    # rank 0 of 2 owns 2 of 3 shards
+    assert all(r["peak_rss_mib"] > 0 and r["rows_per_s"] > 0 and r["startup_bytes"] > 0 for r in rows)
+    assert "| 5,000 | 2 |" in (tmp_path / "scale.md").read_text()
