@@ -67,3 +67,12 @@ def make_tiny_vae(directory: Path) -> Path:
                         sample_size=16, scaling_factor=0.18215)
     vae.save_pretrained(directory)
     return directory
+
+
+def encode_pixels(images: Path, out: Path, resolution: int, *extra: str) -> Path:
+    """The image tree encoded by the encode stage as a pixel-codec dataset in 16-row shards (several of them,
+    so workers have shards to split), with its MLflow store beside it in out.parent / "runs"."""
+    from pipelines.encode import main as encode
+    encode(["--data", str(images), "--out", str(out), "--codec", "pixel", "--resolution", str(resolution),
+            "--rows-per-shard", "16", "--run-dir", str(Path(out).parent / "runs"), *extra])
+    return out

@@ -12,6 +12,7 @@ import yaml
 from sddit.data import DataError, EncodeSettings, Manifest
 from sddit.representations import (LOCAL_VIT, ExternalEncoderError, load_external_encoder, save_local_vit,
                                    train_local_vit)
+from tests.fixtures import encode_pixels
 from tests.test_train import TINY, CrashAt, state_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,20 +93,15 @@ def test_the_local_vit_round_trips_through_its_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def repa_data(ray_session, image_tree, tmp_path_factory):
-    from pipelines.encode import main as encode
     from sddit.evaluation import dataset_codec, dataset_images
     root = tmp_path_factory.mktemp("repa")
-    plain = root / "pixel8"
-    encode(["--data", str(image_tree[0]), "--out", str(plain), "--codec", "pixel", "--resolution", "8",
-            "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+    plain = encode_pixels(image_tree[0], root / "pixel8", 8)
     parts = list(dataset_images(plain, dataset_codec(plain)))
     net, info = train_local_vit(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                                 num_classes=3, embed_dim=16, depth=1, num_heads=2, steps=5)
     weights = save_local_vit(root / "vit.pt", net, info)
     with_features = root / "pixel8-repa"
-    encode(["--data", str(image_tree[0]), "--out", str(with_features), "--codec", "pixel", "--resolution", "8",
-            "--rows-per-shard", "16", "--run-dir", str(root / "runs"), "--repa-encoder", LOCAL_VIT,
-            "--repa-encoder-weights", str(weights)])
+    encode_pixels(image_tree[0], with_features, 8, "--repa-encoder", LOCAL_VIT, "--repa-encoder-weights", str(weights))
     preset = root / "repa.yaml"
     preset.write_text(yaml.safe_dump(REPA_TINY))
     return root, plain, with_features, weights, preset
@@ -113,7 +109,7 @@ def repa_data(ray_session, image_tree, tmp_path_factory):
 
 def test_encode_stores_the_features_of_each_image_and_of_its_mirror_image(repa_data, image_tree):
     from sddit.data import FEATURES_COLUMN, load_image, read_shard, read_tensor_column
-    root, plain, with_features, weights, _ = repa_data
+    _, plain, with_features, weights, _ = repa_data
     manifest = Manifest.read(with_features)
     assert manifest.features["column"] == FEATURES_COLUMN and manifest.features["encoder"] == LOCAL_VIT
     assert manifest.features["shape"] == [16, 16] and manifest.num_rows == Manifest.read(plain).num_rows
@@ -126,10 +122,8 @@ def test_encode_stores_the_features_of_each_image_and_of_its_mirror_image(repa_d
     np.testing.assert_array_equal(features[0], encoder.features(image[None])[0])
     np.testing.assert_array_equal(features[1], encoder.features(np.ascontiguousarray(image[None, :, ::-1]))[0])
     # the same images without features are another dataset: never mixed into one directory
-    from pipelines.encode import main as encode
     with pytest.raises(DataError, match="repa_encoder: existing 'local-vit' vs requested None"):
-        encode(["--data", str(image_tree[0]), "--out", str(with_features), "--codec", "pixel", "--resolution", "8",
-                "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+        encode_pixels(image_tree[0], with_features, 8)
 
 
 def test_repa_trains_logs_its_term_and_resumes_bitwise(repa_data, tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 
+from tests.fixtures import encode_pixels
 from tests.test_train import TINY
 
 FAILING_ARM = {"Diverges": {"family": "DiT", "set": ["diffusion.p_mean=1000", "train.max_bad_steps=1"]}}
@@ -69,11 +70,8 @@ def test_spread_rule():
 
 @pytest.fixture(scope="module")
 def tiny_data(ray_session, image_tree, tmp_path_factory):
-    from pipelines.encode import main as encode
     root = tmp_path_factory.mktemp("study")
-    data = root / "pixel8"
-    encode(["--data", str(image_tree[0]), "--out", str(data), "--codec", "pixel", "--resolution", "8",
-            "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+    data = encode_pixels(image_tree[0], root / "pixel8", 8)
     preset = root / "tiny.yaml"
     preset.write_text(yaml.safe_dump(TINY))
     arms = root / "arms.yaml"
@@ -190,11 +188,7 @@ def test_a_changed_setting_gives_new_run_names_so_reruns_never_mix_configs(tiny_
 
 @pytest.fixture(scope="module")
 def data16(tiny_data, image_tree):
-    from pipelines.encode import main as encode
-    root = tiny_data[0]
-    encode(["--data", str(image_tree[0]), "--out", str(root / "pixel16"), "--codec", "pixel", "--resolution",
-            "16", "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
-    return root / "pixel16"
+    return encode_pixels(image_tree[0], tiny_data[0] / "pixel16", 16)
 
 
 def transfer_args(root, data16, *extra):

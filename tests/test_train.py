@@ -10,6 +10,7 @@ from sddit.checkpoint import load_checkpoint
 from sddit.config import apply_overrides, load_preset
 from sddit.data import DataError
 from sddit.training import LocalHooks, NonFiniteError, train_loop
+from tests.fixtures import encode_pixels
 
 TINY = {
     "model": {"name": "SD-DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1,
@@ -24,12 +25,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def dataset(ray_session, image_tree, tmp_path_factory):
-    from pipelines.encode import main as encode
-    root, _ = image_tree
-    out = tmp_path_factory.mktemp("train-data") / "pixel8"
-    encode(["--data", str(root), "--out", str(out), "--codec", "pixel", "--resolution", "8",
-            "--rows-per-shard", "16", "--run-dir", str(out.parent / "runs")])
-    return out
+    return encode_pixels(image_tree[0], tmp_path_factory.mktemp("train-data") / "pixel8", 8)
 
 
 @pytest.fixture
@@ -109,12 +105,7 @@ def test_masked_pretraining_then_unmasked_finetuning_resumes_exactly_in_either_p
 
 @pytest.fixture(scope="module")
 def dataset16(ray_session, image_tree, tmp_path_factory):
-    from pipelines.encode import main as encode
-    root, _ = image_tree
-    out = tmp_path_factory.mktemp("train-data") / "pixel16"
-    encode(["--data", str(root), "--out", str(out), "--codec", "pixel", "--resolution", "16",
-            "--rows-per-shard", "16", "--run-dir", str(out.parent / "runs")])
-    return out
+    return encode_pixels(image_tree[0], tmp_path_factory.mktemp("train-data") / "pixel16", 16)
 
 
 def test_a_low_resolution_checkpoint_initialises_a_high_resolution_run_that_resumes_exactly(

@@ -4,17 +4,15 @@ import json
 import pytest
 import yaml
 
+from tests.fixtures import encode_pixels
 from tests.test_train import TINY
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, image_tree, tmp_path_factory):
-    from pipelines.encode import main as encode
     from tuning.sweep import main as sweep_main
     root = tmp_path_factory.mktemp("tune")
-    data = root / "pixel8"
-    encode(["--data", str(image_tree[0]), "--out", str(data), "--codec", "pixel", "--resolution", "8",
-            "--rows-per-shard", "16", "--run-dir", str(root / "runs")])
+    data = encode_pixels(image_tree[0], root / "pixel8", 8)
     preset = root / "tiny.yaml"
     preset.write_text(yaml.safe_dump(TINY))
     space = root / "space.yaml"
