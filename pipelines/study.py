@@ -605,14 +605,16 @@ def pretrain_transfer_arms(args, plan: dict, todo: list[str], parent_run_id: str
     point each transfer run at its checkpoint; -> {label: error} of the transfer runs that cannot start."""
     storage = storage_of(args)
     needed = {plan["runs"][label]["pretrain"] for label in todo if "pretrain" in plan["runs"][label]}
-    pending = sorted(label for label in needed if final_checkpoint(storage, plan["pretrain_runs"][label]) is None)
+    found = {label: final_checkpoint(storage, plan["pretrain_runs"][label]) for label in needed}
+    pending = sorted(label for label, checkpoint in found.items() if checkpoint is None)
     failed = run_grid(args, plan, pending, parent_run_id, uri, plan["pretrain_runs"], "pre-training runs") \
         if pending else {}
+    found.update({label: final_checkpoint(storage, plan["pretrain_runs"][label]) for label in pending})
     errors = {}
     for label in todo:
         run = plan["runs"][label]
         if "pretrain" in run:
-            checkpoint = final_checkpoint(storage, plan["pretrain_runs"][run["pretrain"]])
+            checkpoint = found[run["pretrain"]]
             if checkpoint is None:
                 errors[label] = f"its pre-training did not finish: {failed.get(run['pretrain'], 'no final checkpoint')}"
             else:
