@@ -2,8 +2,9 @@
 worker counts, on synthetic shards of the real schema (bench/synthetic_latents.py).
 
 Each (size, W) is measured in a fresh process as rank 0 of W: start-up (reading the manifest, the first
-batch) in seconds and bytes read (/proc/self/io rchar), then `--steps` batches in a row for rows/s, then the
-process's peak RSS. The bytes a rank reads over a whole epoch are the sizes of the shards it owns.
+batch) in seconds and bytes read (/proc/self/io rchar), then `--steps` batches in a row for rows/s, then as
+many again with the latent draw (mean + std * eps, on the device in training) left out, then the process's
+peak RSS. The bytes a rank reads over a whole epoch are the sizes of the shards it owns.
 
     python bench/loader_scale.py --sizes 100000,1000000,2500000 --workers 1,2,4 --unique-shards 64 \\
         --data-root runs/loader-bench --out bench/results/loader_scale
@@ -14,6 +15,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +46,13 @@ def measure(data: Path, world_size: int, steps: int, batch_size: int) -> dict:
     for step in range(1, steps + 1):
         loader.batch(step)
     rows_per_s = steps * batch_size / (time.perf_counter() - start)
+    # the same again without the latent draw (mean + std * eps), which a GPU worker runs on its device
+    import sddit.loader as loader_module
+    loader_module.stored_to_latent = lambda stored, *args: stored
+    start = time.perf_counter()
+    for step in range(steps + 1, 2 * steps + 1):
+        loader.batch(step)
+    read_rows_per_s = steps * batch_size / (time.perf_counter() - start)
     loader._plan_epoch(0)
     owned = {int(b) for group in loader._groups for b in loader.blocks[group, 0]}
     epoch_bytes = sum((data / loader.manifest.shards[s]["file"]).stat().st_size for s in owned)
@@ -52,6 +61,7 @@ def measure(data: Path, world_size: int, steps: int, batch_size: int) -> dict:
     return {"rows": loader.manifest.num_rows, "world_size": world_size, "startup_s": round(startup_s, 3),
             "startup_bytes": startup_bytes, "epoch_bytes_per_rank": epoch_bytes, "dataset_bytes": total_bytes,
             "epoch_share": round(epoch_bytes / total_bytes, 4), "rows_per_s": round(rows_per_s),
+            "rows_per_s_without_draw": round(read_rows_per_s),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "steps": steps, "batch_size": batch_size}
 
@@ -60,11 +70,11 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Training reader at scale (rank 0 of W, synthetic SD-VAE shards of 2,048 rows)", "",
              f"`{command}` on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}).", "",
              "| rows | W | peak RSS (MiB) | start-up (s) | start-up read (MiB) | share of the data read per epoch | "
-             "rows/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "rows/s | rows/s without the latent draw |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['rows']:,} | {r['world_size']} | {r['peak_rss_mib']:.0f} | {r['startup_s']:.2f} | "
                      f"{r['startup_bytes'] / 2**20:.0f} | {r['epoch_share']:.3f} (1/W = {1 / r['world_size']:.3f}) | "
-                     f"{r['rows_per_s']:,} |")
+                     f"{r['rows_per_s']:,} | {r.get('rows_per_s_without_draw', 0):,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,11 +95,15 @@ def main(argv=None) -> None:
         print(json.dumps(measure(Path(args.measure), args.world_size, args.steps, args.batch_size)))
         return
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from synthetic_latents import write_latent_dataset
+
+    from sddit.data import FORMAT_VERSION, Manifest
     results = []
     for size in (int(v) for v in args.sizes.split(",")):
         data = Path(args.data_root) / f"rows-{size}"
+        if (data / "manifest.json").exists() and Manifest.read(data).format_version != FORMAT_VERSION:
+            shutil.rmtree(data)                     # written by an older encoder: measure the current format
         if not (data / "manifest.json").exists():
             start = time.time()
             write_latent_dataset(data, size, unique_shards=args.unique_shards)

@@ -19,14 +19,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit.data import (EncodeSettings, Manifest, file_sha256, shard_schema, shard_table,  # noqa: E402
-                        write_atomically)
+                        write_shard)
 
 
 def write_latent_dataset(out: Path, rows: int, *, rows_per_shard: int = 2048, stored_shape=(8, 32, 32),
                          classes: int = 1000, unique_shards: int | None = None, seed: int = 0) -> Manifest:
     """`rows` rows of random float16 moments in shards of `rows_per_shard`; labels cycle over `classes`, so a
     row's label is its global index mod `classes` (tests use that to check which rows a reader returned)."""
-    import pyarrow.parquet as pq
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     schema = shard_schema("moments", tuple(stored_shape), "float16")
@@ -40,7 +39,7 @@ def write_latent_dataset(out: Path, rows: int, *, rows_per_shard: int = 2048, st
             values = rng.standard_normal((count, *stored_shape), dtype=np.float32).astype(np.float16)
             ids = np.arange(start, start + count)
             table = shard_table(schema, values, ids % classes, np.zeros(count, bool), [f"{i}.JPEG" for i in ids], {})
-            write_atomically(path, lambda f: pq.write_table(table, f))
+            write_shard(path, table)
             written.append((path, count, file_sha256(path)))
         else:   # a link to a written shard with the same row count
             if path.exists():

@@ -26,7 +26,7 @@ import torch
 from sddit.codecs import stored_to_latent
 from sddit.data import DataError, Manifest, read_shard, read_tensor_column
 
-SHUFFLE_WINDOW = 4                          # shards per shuffle window (the encoder writes 2,048 rows per shard)
+SHUFFLE_WINDOW = 4                          # shards per shuffle window (the encoder writes 32 MiB shards)
 
 
 def derived_seed(*parts: int) -> int:

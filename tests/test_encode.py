@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sddit.codecs import CodecError
-from sddit.data import DataError, Manifest, center_crop, load_image, to_rgb
+from sddit.data import DataError, Manifest, center_crop, load_image, read_tensor_column, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +41,16 @@ def pixel_dataset(ray_session, image_tree, mlflow_dir, tmp_path_factory):
 def test_pixel_shards_read_back_with_plain_pyarrow(pixel_dataset):
     out, manifest, expected = pixel_dataset
     table = read_all(out)
+    # the data contract, format 2: one fixed-size binary value per row, its dtype and shape in the field's metadata
     column = table.schema.field("pixels")
-    assert isinstance(column.type, pa.FixedShapeTensorType)
-    assert list(column.type.shape) == [3, 32, 32] and column.type.value_type == pa.uint8()
+    assert column.type == pa.binary(3 * 32 * 32)
+    assert json.loads(column.metadata[b"sddit.tensor"]) == {"dtype": "uint8", "shape": [3, 32, 32]}
     assert table.schema.field("label").type == pa.int64()
     assert table.schema.field("flipped").type == pa.bool_()
-    pixels = table.column("pixels").combine_chunks().to_numpy_ndarray()
+    pixels = np.frombuffer(b"".join(table.column("pixels").to_pylist()), np.uint8).reshape(-1, 3, 32, 32)
     assert pixels.shape == (table.num_rows, 3, 32, 32)
+    assert np.array_equal(read_tensor_column(table, "pixels"), pixels)
+    assert manifest.format_version == 2
     assert manifest.num_rows == table.num_rows == 2 * len(expected["good"])
     assert [s["rows"] for s in manifest.shards] == [pq.ParquetFile(out / s["file"]).metadata.num_rows
                                                     for s in manifest.shards]
@@ -62,7 +65,7 @@ def test_labels_follow_sorted_folder_order(pixel_dataset):
     for image_id, label in zip(table["image_id"], table["label"]):
         assert image_id.split("/")[0] == wnids[label]
     # the class-coloured images really carry their class's colour channel at full intensity
-    pixels = read_all(out).column("pixels").combine_chunks().to_numpy_ndarray()
+    pixels = read_tensor_column(read_all(out), "pixels")
     for i, (image_id, label) in enumerate(zip(table["image_id"], table["label"])):
         if image_id.split("/")[1].startswith("n0"):
             means = pixels[i].reshape(3, -1).mean(axis=1)
@@ -72,7 +75,7 @@ def test_labels_follow_sorted_folder_order(pixel_dataset):
 def test_flip_rows_are_exact_mirrors(pixel_dataset):
     out, _, _ = pixel_dataset
     table = read_all(out)
-    pixels = table.column("pixels").combine_chunks().to_numpy_ndarray()
+    pixels = read_tensor_column(table, "pixels")
     flipped = table.column("flipped").to_pylist()
     ids = table.column("image_id").to_pylist()
     for i in range(0, len(ids), 2):
@@ -101,8 +104,8 @@ def test_vae_codec_with_a_local_tiny_autoencoder(ray_session, image_tree, tiny_v
     manifest = run_encode(root, out, mlflow_dir, "--codec", "sd-vae", "--vae", str(tiny_vae_dir),
                           "--resolution", "16", "--limit-per-class", "3", "--no-flip")
     table = read_all(out)
-    moments = table.column("moments").combine_chunks().to_numpy_ndarray()
-    assert table.schema.field("moments").type.value_type == pa.float16()
+    moments = read_tensor_column(table, "moments")
+    assert moments.dtype == np.float16
     assert moments.shape == (table.num_rows, 8, 8, 8)       # [mean(4) | std(4)] at 16 px / 2
     assert (moments[:, 4:] > 0).all()                       # the std half is a standard deviation
     assert manifest.scaling_factor == pytest.approx(0.18215) and manifest.latent_shape == [4, 8, 8]
@@ -130,6 +133,39 @@ def test_existing_output_with_other_settings_is_refused(pixel_dataset, image_tre
     with pytest.raises(DataError, match=r"codec: existing 'pixel' vs requested 'sd-vae'"):
         run_encode(root, out, mlflow_dir, "--resolution", "32", "--rows-per-shard", "8", "--vae", str(tiny_vae_dir))
     assert sorted(p.stat().st_mtime_ns for p in out.iterdir()) == before
+
+
+def test_a_directory_from_before_the_shuffled_layout_is_not_continued(image_tree, mlflow_dir, tmp_path):
+    """An interrupted encode from before shards mixed classes must not be finished in the new layout."""
+    root, _ = image_tree
+    out = tmp_path / "old"
+    out.mkdir()
+    settings = {"source": str(root.resolve()), "codec": "pixel", "vae": None, "resolution": 32, "flip": True,
+                "limit_per_class": None, "rows_per_shard": 8, "repa_encoder": None, "repa_weights_sha256": None}
+    (out / "encode_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(DataError, match=r"order: existing 'sorted' vs requested 'shuffled'"):
+        run_encode(root, out, mlflow_dir, "--codec", "pixel", "--resolution", "32", "--rows-per-shard", "8")
+
+
+def test_every_shard_is_a_sample_of_all_classes():
+    from pipelines.encode import plan
+    items = [(f"c{c}/{i}.JPEG", c) for c in range(10) for i in range(100)]      # class-sorted, as listed
+    rows = plan(items, rows_per_shard=200, flip=True)                           # 100 images per shard
+    assert sorted((r["image_id"], r["label"]) for r in rows) == sorted(items)  # every image exactly once
+    assert rows == plan(items, rows_per_shard=200, flip=True)                   # the same layout every time
+    for shard in range(10):
+        labels = [r["label"] for r in rows if r["shard"] == shard]
+        assert len(labels) == 100 and len(set(labels)) == 10 and max(np.bincount(labels)) <= 20
+
+
+def test_default_shard_size_follows_the_row_size():
+    from pipelines.encode import default_rows_per_shard
+    sd_vae_256, sd_vae_512 = 8 * 32 * 32 * 2, 8 * 64 * 64 * 2                  # float16 [mean | std] moments
+    dinov2_b = 256 * 768 * 2                                                    # REPA's features: 256 tokens x 768
+    assert default_rows_per_shard(sd_vae_256) == 2048                           # 32 MiB, as before
+    assert default_rows_per_shard(sd_vae_512) == 512                            # 32 MiB, not 128
+    assert default_rows_per_shard(sd_vae_256 + dinov2_b) == 80                  # 31 MiB, not 800
+    assert default_rows_per_shard(3 * 32 * 32) == 2048 and default_rows_per_shard(100 << 20) == 2
 
 
 def test_killed_run_resumes_to_the_same_rows(pixel_dataset, image_tree, mlflow_dir, tmp_path):

@@ -104,3 +104,91 @@ def test_a_dataset_with_fewer_shards_than_workers_is_split_into_pieces(tmp_path)
     halves = [epoch_rows(tmp_path / "one", rank, 2, epoch=0) for rank in range(2)]
     rows = np.concatenate([r for r, _ in halves])
     assert len(np.unique(rows)) == len(rows) == 2 * 3 * 8              # 25 rows each: 3 batches of 8
+
+
+# --- shard formats -------------------------------------------------------------------------------------------
+
+def as_format_1(directory: Path) -> None:
+    """Rewrite a dataset the way encoders before format 2 wrote it: tensors as Arrow fixed-shape tensors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sddit.data import Manifest, file_sha256, read_tensor_column, tensor_spec
+    manifest = Manifest.read(directory)
+    for shard in manifest.shards:
+        path = directory / shard["file"]
+        table = pq.read_table(path)
+        for i, field in enumerate(table.schema):
+            if tensor_spec(field) is not None:
+                dtype, shape = tensor_spec(field)
+                values = read_tensor_column(table, field.name)
+                tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(dtype), list(shape))
+                storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(shape)))
+                table = table.set_column(i, pa.field(field.name, tensor_type),
+                                         pa.ExtensionArray.from_storage(tensor_type, storage))
+        pq.write_table(table, path)
+        shard["sha256"] = file_sha256(path)
+    manifest.format_version = 1
+    manifest.write(directory)
+
+
+def all_batches(directory, steps=12):
+    loader = LatentLoader(directory, rank=0, world_size=2, batch_size=8, seed=5, device="cpu", window=3)
+    batches = [loader.batch(step) for step in range(steps)]
+    loader.close()
+    return batches
+
+
+def test_format_1_datasets_read_the_same_and_upgrade_in_place(latents, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sddit.data import Manifest, file_sha256, upgrade_dataset
+    old = tmp_path / "old"
+    shutil.copytree(latents, old)
+    as_format_1(old)
+    assert isinstance(pq.read_schema(old / "part-00000.parquet").field("moments").type, pa.FixedShapeTensorType)
+    expected = all_batches(latents)
+    for got, want in zip(all_batches(old), expected):                  # old datasets keep loading, unchanged
+        assert np.array_equal(got.labels, want.labels) and np.array_equal(got.x0, want.x0)
+
+    assert upgrade_dataset(old) == len(Manifest.read(old).shards)
+    manifest = Manifest.read(old)
+    assert manifest.format_version == 2
+    assert all(shard["sha256"] == file_sha256(old / shard["file"]) for shard in manifest.shards)
+    assert pq.read_schema(old / "part-00000.parquet").field("moments").type == pa.binary(2 * 2 * 2 * 2)
+    for got, want in zip(all_batches(old), expected):
+        assert np.array_equal(got.labels, want.labels) and np.array_equal(got.x0, want.x0)
+    assert upgrade_dataset(old) == 0                                    # nothing left to convert
+
+
+def test_an_interrupted_upgrade_leaves_a_readable_dataset_and_a_rerun_finishes_it(latents, tmp_path, monkeypatch):
+    import shutil
+
+    import sddit.data as data_module
+    from sddit.data import Manifest, StorageError, file_sha256, upgrade_dataset
+    old = tmp_path / "old"
+    shutil.copytree(latents, old)
+    as_format_1(old)
+    real, writes = data_module.write_shard, []
+
+    def disk_full_on_the_third(path, table):
+        if len(writes) == 2:
+            raise StorageError(f"{path}: could not write it (No space left on device); the previous version is unchanged")
+        writes.append(path)
+        return real(path, table)
+
+    monkeypatch.setattr(data_module, "write_shard", disk_full_on_the_third)
+    with pytest.raises(StorageError, match="No space left"):
+        upgrade_dataset(old)
+    manifest = Manifest.read(old)
+    assert manifest.format_version == 1                                 # not claimed before every shard is done
+    assert all(shard["sha256"] == file_sha256(old / shard["file"]) for shard in manifest.shards)
+    expected = all_batches(latents)
+    for got, want in zip(all_batches(old), expected):                  # a mix of formats reads the same
+        assert np.array_equal(got.labels, want.labels) and np.array_equal(got.x0, want.x0)
+    monkeypatch.setattr(data_module, "write_shard", real)
+    assert upgrade_dataset(old) == len(manifest.shards) - 2
+    assert Manifest.read(old).format_version == 2
