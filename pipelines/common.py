@@ -109,7 +109,8 @@ class Progress:
         elif time.time() - self.last >= self.every or self.done >= self.total:
             self.last = time.time()
             rate = self.done / max(self.last - self.start, 1e-9)
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s)", flush=True)
+            rate = f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate} {self.unit}/s)", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

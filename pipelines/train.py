@@ -24,6 +24,7 @@ from sddit.data import FORMAT_VERSION, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.loader import SHUFFLE_WINDOW  # noqa: E402
 from sddit.models import MODEL_NAMES  # noqa: E402
+from sddit.models.registry import registry_fields  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
 from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
 
@@ -36,7 +37,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset directory written by pipelines/encode.py")
     parser.add_argument("--preset", default="demo", help=f"preset name ({', '.join(preset_names())}) or YAML path")
-    parser.add_argument("--model", default=None, help="model name overriding the preset's, e.g. DiT-S/2 (see sddit.models)")
+    parser.add_argument("--model", default=None,
+                        help="a registry model instead of the preset's, e.g. DiT-S/2: its size, patch and family "
+                             "(mask, decoder, discrimination); the preset keeps the data fields and the head "
+                             "(default: the preset's model)")
     parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
     parser.add_argument("--cpus-per-worker", type=int, default=None,
@@ -61,15 +65,17 @@ def parse_args(argv=None):
 def resolve_config(args):
     """The full config, checked against the dataset before any worker starts."""
     config = load_preset(args.preset)
-    overrides = list(args.overrides)
+    overrides = []
+    if args.model:       # the registry's architecture and family switches, then whatever --set changes
+        if args.model not in MODEL_NAMES:
+            raise ConfigError("model.name", f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
+        overrides += [f"model.name={args.model}",
+                      *(f"model.{key}={value}" for key, value in registry_fields(args.model).items())]
+    overrides += args.overrides
     for flag, field in ((args.steps, "train.steps"), (args.batch_size, "optim.batch_size"),
                         (args.checkpoint_every, "train.checkpoint_every"), (args.keep_checkpoints, "train.keep_checkpoints")):
         if flag is not None:
             overrides.append(f"{field}={flag}")
-    if args.model:
-        if args.model not in MODEL_NAMES:
-            raise ConfigError("model.name", f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
-        overrides.append(f"model.name={args.model}")
     config = apply_overrides(config, overrides)
     manifest = Manifest.read(args.data)
     manifest.check_shards(args.data)
@@ -116,8 +122,10 @@ class RayHooks:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
         if self.rank == 0:                  # the console's progress line (Ray Train's own lines need --verbose)
             scores = [f"{k[len('proxy_'):]} {v:.4g}" for k, v in metrics.items() if k.startswith("proxy_fid")]
+            rate = metrics.get("images_per_s", 0)
+            rate = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"         # a 512 px model on a CPU: 0.4 img/s
             # written, not print()ed: Ray Train patches print() into its logger, which shows each line twice
-            sys.stdout.write(f"{self.name}: step {step}/{self.total_steps}, {metrics.get('images_per_s', 0):.0f} "
+            sys.stdout.write(f"{self.name}: step {step}/{self.total_steps}, {rate} "
                              f"img/s, loss {metrics.get('loss', float('nan')):.4g}"
                              + "".join(f", {x}" for x in scores) + "\n")
             sys.stdout.flush()
@@ -127,10 +135,14 @@ class RayHooks:
             ray.train.report({**metrics, "step": step})
 
     def samples(self, step, latents):
+        import torch
+
         from sddit.images import grid_image
         codec = self._codec()
         if codec is not None and step > self.last_logged:
-            self.client.log_image(self.run_id, grid_image(codec.decode(latents.cpu()), nrow=8), key="samples", step=step)
+            # decoded 8 at a time: 64 SD-VAE decodes at 512 px at once hold ~9 GB per activation
+            images = torch.cat([codec.decode(chunk) for chunk in latents.cpu().split(8)])
+            self.client.log_image(self.run_id, grid_image(images, nrow=8), key="samples", step=step)
 
     def evaluate(self, step, ema):
         """The sweep's proxy metric at every log step (a Tune scheduler needs it in every result), and a

@@ -108,6 +108,7 @@ class TrainConfig:
     max_bad_steps: int = 10                # consecutive non-finite steps before the run stops
     compile: bool = False                  # torch.compile student, head, teacher and loss (worth it on GPU)
     sample_cfg_scale: float = 1.5          # guidance for the sample grids logged during training
+    sample_count: int = 64                 # images in each of those grids; 0: no grids
     # the last fraction of `steps` (rounded to whole steps) is MaskDM's fine-tuning phase (MaskDiT's unmasking
     # tuning): every token visible, the full denoising loss, the optimiser and EMAs carried on from the masked
     # pre-training before it. A fraction, so a study or sweep that changes `steps` keeps the phases' proportions
@@ -117,6 +118,7 @@ class TrainConfig:
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
+        _check(self.sample_count >= 0, "train.sample_count", f"must be >= 0 (0: no grids), got {self.sample_count}")
         _check(0 <= self.unmasked_fraction <= 1, "train.unmasked_fraction",
                f"must be in [0, 1], got {self.unmasked_fraction}")
 

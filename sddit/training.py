@@ -270,8 +270,8 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
             hooks.log(step, metrics, checkpoint_follows=checkpointing)
 
         # sample a grid from the generation EMA (rank 0)
-        if rank == 0 and (step % config.train.sample_every == 0 or finished):
-            hooks.samples(step, sample_grid_latents(ema, config))
+        if rank == 0 and config.train.sample_count and (step % config.train.sample_every == 0 or finished):
+            hooks.samples(step, sample_grid_latents(ema, config, count=config.train.sample_count))
 
         # save snapshot
         if checkpointing:

@@ -40,6 +40,7 @@ def test_demo_preset_is_tiny_and_pixel_space():
     ("optim", "precision", "fp8", "optim.precision"),
     ("optim", "lr", 0, "optim.lr"),
     ("train", "steps", 0, "train.steps"),
+    ("train", "sample_count", -1, "train.sample_count"),
     ("data", "codec", "jpeg", "data.codec"),
     ("optim", "momentum", 0.9, "optim.momentum"),
 ])

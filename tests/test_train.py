@@ -93,6 +93,24 @@ class RecordMetrics(LocalHooks):
         self.metrics[step] = metrics
 
 
+class RecordSamples(LocalHooks):
+    def __init__(self, run_dir):
+        super().__init__(run_dir, verbose=False)
+        self.grids = {}
+
+    def samples(self, step, latents):
+        self.grids[step] = latents.shape
+
+
+@pytest.mark.parametrize("count", [0, 3])
+def test_sample_grids_have_the_configured_size_or_are_off(dataset, preset, tmp_path, count):
+    config = apply_overrides(load_preset(preset), [f"train.sample_count={count}", "train.sample_every=4"])
+    hooks = RecordSamples(tmp_path)
+    train_loop(config, dataset, hooks=hooks)
+    side, channels = config.model.input_size, config.model.in_channels
+    assert hooks.grids == ({} if count == 0 else {4: (3, channels, side, side), config.train.steps: (3, channels, side, side)})
+
+
 @pytest.mark.parametrize("crash_at", [4, 7])                    # resumed in the masked phase, then the unmasked one
 def test_masked_pretraining_then_unmasked_finetuning_resumes_exactly_in_either_phase(dataset, preset, tmp_path,
                                                                                       crash_at):
@@ -161,6 +179,24 @@ def test_mismatched_or_missing_shards_are_refused(dataset, preset, tmp_path):
             (broken / f.name).symlink_to(f)
     with pytest.raises(DataError, match=r"part-00001.parquet: shard listed in the manifest is missing"):
         main(["--data", str(broken), "--preset", str(preset), "--run-dir", str(tmp_path)])
+
+
+def test_model_flag_gives_the_registry_architecture_and_set_still_wins(dataset):
+    """--model used to rename the preset's model and keep its architecture: 'DiT-S/2' trained the demo's SD-DiT."""
+    from pipelines.train import parse_args, resolve_config
+
+    def resolved(*extra):
+        return resolve_config(parse_args(["--data", str(dataset), "--preset", "demo", *extra])).model
+
+    dit = resolved("--model", "DiT-S/2")
+    assert (dit.name, dit.depth, dit.hidden_size, dit.num_heads) == ("DiT-S/2", 12, 384, 6)
+    assert (dit.mask_ratio, dit.decoder_depth, dit.cls_token, dit.disc_weight) == (0.0, 0, False, 0.0)
+    assert (dit.input_size, dit.in_channels, dit.num_classes, dit.head_out_size) == (8, 3, 3, 512)  # the preset's
+    maskdit = resolved("--model", "MaskDiT-B/4", "--set", "model.mask_ratio=0.3")
+    assert (maskdit.hidden_size, maskdit.patch_size, maskdit.decoder_depth, maskdit.mae_weight) == (768, 4, 8, 0.1)
+    assert maskdit.mask_ratio == 0.3                                    # --set applies after --model
+    demo = resolved()
+    assert (demo.name, demo.hidden_size, demo.depth) == ("SD-DiT-S/2", 128, 4)  # no --model: the preset's own
 
 
 def train_cli(*args):

@@ -121,6 +121,15 @@ def parse_name(name: str):
     return (match[1], match[2], int(match[3])) if match else None
 
 
+def registry_fields(name: str) -> dict:
+    """What the name `name` determines: its size's width, depth and heads, its patch size and its family's
+    switches (all families' fields, at this family's values). Setting `model.name` alone renames a config and
+    keeps its architecture (the presets' small models carry registry names); this gives the rest."""
+    family_fields = {key for fields in FAMILIES.values() for key in fields}
+    registered = model_config(name)
+    return {key: getattr(registered, key) for key in (*SIZES["S"], "patch_size", *sorted(family_fields))}
+
+
 def model_config(name: str, **overrides) -> ModelConfig:
     """The registry's configuration for `name`, with `overrides` applied, validated."""
     parsed = parse_name(name)
