@@ -154,7 +154,9 @@ def test_format_1_datasets_read_the_same_and_upgrade_in_place(latents, tmp_path)
     for got, want in zip(all_batches(old), expected):                  # old datasets keep loading, unchanged
         assert np.array_equal(got.labels, want.labels) and np.array_equal(got.x0, want.x0)
 
+    footers = {path.name: pq.read_schema(path).metadata for path in old.glob("part-*.parquet")}
     assert upgrade_dataset(old) == len(Manifest.read(old).shards)
+    assert footers == {path.name: pq.read_schema(path).metadata for path in old.glob("part-*.parquet")}  # skips kept
     manifest = Manifest.read(old)
     assert manifest.format_version == 2
     assert all(shard["sha256"] == file_sha256(old / shard["file"]) for shard in manifest.shards)
