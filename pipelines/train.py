@@ -241,18 +241,29 @@ def train_worker(context: dict) -> None:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
+CODE_VERSION_TAG = "sddit.code_version"
+
+
 def find_or_start_mlflow_run(name: str, params: dict, parent_run_id: str | None = None):
     """The MLflow run of this training name: reused when the command is re-run, so metrics continue.
     A new one is a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) when given."""
     import mlflow
 
     from pipelines.tracking import PARENT_ENV
+    from sddit import code_version
+
+    # the code each (re)start ran, in order: a run resumed by other code says so
+    version = code_version()
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.train_name` = '{name}'", output_format="list")
     if existing:   # nested when a pipeline's parent run is active in this process
-        return mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
+        earlier = existing[0].data.tags.get(CODE_VERSION_TAG, "")
+        run = mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
+        if version not in earlier.split(", "):
+            mlflow.set_tag(CODE_VERSION_TAG, f"{earlier}, {version}" if earlier else version)
+        return run
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     run = mlflow.start_run(run_name=f"train {name}", parent_run_id=parent, nested=parent is not None,
-                           tags={"sddit.stage": "train", "sddit.train_name": name})
+                           tags={"sddit.stage": "train", "sddit.train_name": name, CODE_VERSION_TAG: version})
     mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
     return run
 

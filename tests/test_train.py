@@ -296,6 +296,24 @@ def test_mlflow_has_one_run_per_training_with_continuous_metrics_and_images(ray_
         assert run.data.params["model.name"] == "SD-DiT-S/2" and run.data.tags["sddit.final_checkpoint"]
 
 
+def test_a_training_run_records_the_code_of_every_start(tmp_path, monkeypatch):
+    """Which code produced a run's curves: the version at its start, and each other version that resumed it."""
+    import mlflow
+
+    import sddit
+    from pipelines.tracking import tracking_uri, use_store
+    from pipelines.train import CODE_VERSION_TAG, find_or_start_mlflow_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tmp_path))    # restored afterwards: mlflow exports it
+    use_store(tracking_uri(tmp_path))
+    for version in ("0.1+gaaaaaaa", "0.1+gaaaaaaa", "0.1+gbbbbbbb"):
+        monkeypatch.setattr(sddit, "code_version", lambda version=version: version)
+        with find_or_start_mlflow_run("probe", {"optim.lr": 1e-3}) as run:
+            run_id = run.info.run_id
+    runs = mlflow.search_runs(filter_string="tags.`sddit.train_name` = 'probe'", output_format="list")
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert mlflow.get_run(run_id).data.tags[CODE_VERSION_TAG] == "0.1+gaaaaaaa, 0.1+gbbbbbbb"
+
+
 def test_demo_curve_bench_scores_the_untrained_model_then_every_interval(dataset, preset, tmp_path):
     import json
     import sys
