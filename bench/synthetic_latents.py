@@ -47,7 +47,8 @@ def write_latent_dataset(out: Path, rows: int, *, rows_per_shard: int = 2048, st
             os.link(same[-1][0], path)
         shards.append({"file": name, "rows": count, "sha256": next(h for p, _, h in written if p.samefile(path))})
     settings = EncodeSettings(source="synthetic", codec="sd-vae", vae="synthetic", resolution=8 * stored_shape[-1],
-                              flip=False, limit_per_class=None, rows_per_shard=rows_per_shard)
+                              flip=False, limit_per_class=None, rows_per_shard=rows_per_shard,
+                              order="shuffled")                    # labels cycle over the classes in every shard
     manifest = Manifest(settings=settings, column="moments", scaling_factor=0.18215,
                         latent_shape=[stored_shape[0] // 2, *stored_shape[1:]], stored_shape=list(stored_shape),
                         num_rows=rows, shards=shards,

@@ -80,6 +80,21 @@ def init_ray(address: str | None = None, **kwargs):
     return ray
 
 
+def warn_about_layout(stage: str, manifest, directory) -> None:
+    """Say when a dataset will train badly with the streaming reader: an old shard format (slow to read) or
+    class-sorted shards (a batch would hold a few classes), and what to do about it."""
+    from sddit.data import FORMAT_VERSION
+    from sddit.loader import SHUFFLE_WINDOW
+    if manifest.format_version < FORMAT_VERSION:
+        print(f"{stage}: {directory} is in shard format {manifest.format_version}, which reads ~40x slower than "
+              f"format {FORMAT_VERSION}; convert it in place with `python pipelines/upgrade_dataset.py {directory}`",
+              flush=True)
+    if manifest.settings.order == "sorted" and len(manifest.shards) > SHUFFLE_WINDOW:
+        print(f"{stage}: {directory} was encoded with class-sorted shards (before 2026-12): the reader shuffles "
+              f"within {SHUFFLE_WINDOW} shards at a time, so a batch holds only a few classes; re-encode it "
+              f"(pipelines/encode.py into a fresh --out) for shards that mix all classes", flush=True)
+
+
 def cpus_per_worker(ray, num_workers: int) -> int:
     """The most CPUs each of `num_workers` workers can reserve so that all of them fit on the
     cluster's nodes at once. A worker cannot span nodes, so the total alone is not enough: two

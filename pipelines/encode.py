@@ -138,9 +138,8 @@ def encode_without_weights(batch: dict, **encoder) -> dict:
 class ShardWriter:
     """Collects the rows of one shard at a time (results arrive in input order) and writes it whole."""
 
-    def __init__(self, out: Path, schema, stored_dtype: str, flip: bool, crash_after: int | None):
+    def __init__(self, out: Path, schema, flip: bool, crash_after: int | None):
         self.out, self.schema, self.flip, self.crash_after = out, schema, flip, crash_after
-        self.empty = np.zeros((0, *tensor_spec(schema.field(0))[1]), dtype=stored_dtype)
         self.shard, self.rows, self.skipped, self.conversions = None, [], [], {}
         self.written = 0
         self.bytes = 0
@@ -164,14 +163,16 @@ class ShardWriter:
                 features = batch["features_flipped"][i] if "features" in batch else None
                 self.rows.append((batch["stored_flipped"][i], label, True, image_id, features))
 
+    def stacked(self, index: int, field) -> np.ndarray:
+        """Item `index` of the collected rows as one array; an empty one of the field's shape when no row is."""
+        dtype, shape = tensor_spec(field)
+        return np.stack([r[index] for r in self.rows]) if self.rows else np.zeros((0, *shape), dtype)
+
     def flush(self) -> None:
         if self.shard is None:
             return
-        values = np.stack([r[0] for r in self.rows]) if self.rows else self.empty
-        features = None
-        if FEATURES_COLUMN in self.schema.names:
-            features = (np.stack([r[4] for r in self.rows]) if self.rows else
-                        np.zeros((0, *tensor_spec(self.schema.field(FEATURES_COLUMN))[1]), dtype=np.float16))
+        values = self.stacked(0, self.schema.field(0))
+        features = self.stacked(4, self.schema.field(FEATURES_COLUMN)) if FEATURES_COLUMN in self.schema.names else None
         metadata = {"skipped": self.skipped, "conversions": self.conversions}
         table = shard_table(self.schema, values, [r[1] for r in self.rows], [r[2] for r in self.rows],
                             [r[3] for r in self.rows], metadata, features)
@@ -236,9 +237,9 @@ def encode(args) -> Manifest:
         features = {"column": FEATURES_COLUMN, "encoder": args.repa_encoder,
                     "weights_sha256": encoder.weights_sha256, "shape": encoder.feature_shape()}
         del encoder
-    stored_shape = codec.stored_shape(args.resolution)
-    row_bytes = int(np.prod(stored_shape)) * np.dtype(codec.stored_dtype).itemsize
-    row_bytes += int(np.prod(features["shape"])) * 2 if features else 0
+    schema = shard_schema(codec.column, codec.stored_shape(args.resolution), codec.stored_dtype,
+                          features["shape"] if features else None)
+    row_bytes = sum(f.type.byte_width for f in schema if tensor_spec(f) is not None)
     rows_per_shard = args.rows_per_shard or default_rows_per_shard(row_bytes)
     settings = EncodeSettings(source=str(root.resolve()), codec=args.codec,
                               vae=args.vae if args.codec == "sd-vae" else None, resolution=args.resolution,
@@ -258,9 +259,7 @@ def encode(args) -> Manifest:
     from ray.data import ActorPoolStrategy, DataContext
     quiet_ray_data_console()
 
-    schema = shard_schema(codec.column, stored_shape, codec.stored_dtype,
-                          features["shape"] if features else None)
-    writer = ShardWriter(out, schema, codec.stored_dtype, args.flip,
+    writer = ShardWriter(out, schema, args.flip,
                          int(os.environ[CRASH_AFTER_ENV]) if os.environ.get(CRASH_AFTER_ENV) else None)
     start = time.time()
     if todo:

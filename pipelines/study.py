@@ -41,7 +41,7 @@ from sddit.data import DataError, Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.models.registry import parse_name  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Arms and studies
@@ -210,6 +210,7 @@ def slug(text: str) -> str:
 def plan_study(args) -> dict:
     """Everything about the study, checked before Ray starts: the arms' configs, the schedule, the runs."""
     manifest = Manifest.read(args.data)
+    warn_about_layout("study", manifest, args.data)
     custom = load_arms_file(args.arms_file) if args.arms_file else {}
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else STUDIES[args.study]
     if len(set(arms)) != len(arms):

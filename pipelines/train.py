@@ -20,13 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit.checkpoint import load_checkpoint  # noqa: E402
 from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
-from sddit.data import FORMAT_VERSION, Manifest  # noqa: E402
+from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
-from sddit.loader import SHUFFLE_WINDOW  # noqa: E402
-from sddit.models import MODEL_NAMES  # noqa: E402
 from sddit.models.registry import registry_fields  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
 # process exit at its first log at or after STEP, once (the marker file records it), like a crash.
@@ -66,9 +64,7 @@ def resolve_config(args):
     """The full config, checked against the dataset before any worker starts."""
     config = load_preset(args.preset)
     overrides = []
-    if args.model:       # the registry's architecture and family switches, then whatever --set changes
-        if args.model not in MODEL_NAMES:
-            raise ConfigError("model.name", f"unknown model {args.model!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if args.model:       # the registry's architecture and family switches (an unknown name fails), then --set
         overrides += [f"model.name={args.model}",
                       *(f"model.{key}={value}" for key, value in registry_fields(args.model).items())]
     overrides += args.overrides
@@ -79,14 +75,7 @@ def resolve_config(args):
     config = apply_overrides(config, overrides)
     manifest = Manifest.read(args.data)
     manifest.check_shards(args.data)
-    if manifest.format_version < FORMAT_VERSION:
-        print(f"train: {args.data} is in shard format {manifest.format_version}, which reads ~40x slower than "
-              f"format {FORMAT_VERSION}; convert it in place with `python pipelines/upgrade_dataset.py {args.data}`",
-              flush=True)
-    if manifest.settings.order == "sorted" and len(manifest.shards) > SHUFFLE_WINDOW:
-        print(f"train: {args.data} was encoded with class-sorted shards (before 2026-12): the reader shuffles "
-              f"within {SHUFFLE_WINDOW} shards at a time, so a batch holds only a few classes; re-encode it "
-              f"(pipelines/encode.py into a fresh --out) for shards that mix all classes", flush=True)
+    warn_about_layout("train", manifest, args.data)
     config = fit_to_dataset(config, manifest, args.data)
     if config.optim.batch_size % args.num_workers:
         raise ConfigError("optim.batch_size", f"{config.optim.batch_size} is not divisible by {args.num_workers} workers")

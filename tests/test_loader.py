@@ -194,3 +194,23 @@ def test_an_interrupted_upgrade_leaves_a_readable_dataset_and_a_rerun_finishes_i
     monkeypatch.setattr(data_module, "write_shard", real)
     assert upgrade_dataset(old) == len(manifest.shards) - 2
     assert Manifest.read(old).format_version == 2
+
+
+def test_training_entry_points_say_when_a_dataset_is_slow_or_class_sorted(latents, tmp_path, capsys):
+    import dataclasses
+    import shutil
+
+    from pipelines.common import warn_about_layout
+    from sddit.data import Manifest
+    warn_about_layout("train", Manifest.read(latents), latents)
+    assert capsys.readouterr().out == ""                               # format 2, classes mixed: nothing to say
+    old = tmp_path / "old"
+    shutil.copytree(latents, old)
+    as_format_1(old)
+    manifest = Manifest.read(old)
+    manifest.settings = dataclasses.replace(manifest.settings, order="sorted")
+    warn_about_layout("study", manifest, old)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    assert out[0].startswith(f"study: {old} is in shard format 1") and "pipelines/upgrade_dataset.py" in out[0]
+    assert "class-sorted shards" in out[1] and "re-encode it" in out[1]

@@ -74,7 +74,7 @@ def test_a_shard_write_on_a_full_disk_keeps_the_finished_shards(tmp_path, monkey
     from pipelines.encode import ShardWriter
     from sddit.data import read_shard, shard_name, shard_schema
     schema = shard_schema("pixels", (1, 2, 2), "uint8")
-    writer = ShardWriter(tmp_path, schema, "uint8", flip=False, crash_after=None)
+    writer = ShardWriter(tmp_path, schema, flip=False, crash_after=None)
 
     def batch(shard):
         return {"image_id": np.array([f"{shard}-a", f"{shard}-b"]), "label": np.array([0, 1]),

@@ -9,6 +9,7 @@ import yaml
 from sddit.checkpoint import load_checkpoint
 from sddit.config import apply_overrides, load_preset
 from sddit.data import DataError
+from sddit.errors import ConfigError
 from sddit.training import LocalHooks, NonFiniteError, train_loop
 from tests.fixtures import encode_pixels
 
@@ -195,6 +196,8 @@ def test_model_flag_gives_the_registry_architecture_and_set_still_wins(dataset):
     maskdit = resolved("--model", "MaskDiT-B/4", "--set", "model.mask_ratio=0.3")
     assert (maskdit.hidden_size, maskdit.patch_size, maskdit.decoder_depth, maskdit.mae_weight) == (768, 4, 8, 0.1)
     assert maskdit.mask_ratio == 0.3                                    # --set applies after --model
+    with pytest.raises(ConfigError, match=r"^model.name: unknown model 'DiT-XXL/2'; expected one of DiT-S/2"):
+        resolved("--model", "DiT-XXL/2")
     demo = resolved()
     assert (demo.name, demo.hidden_size, demo.depth) == ("SD-DiT-S/2", 128, 4)  # no --model: the preset's own
 

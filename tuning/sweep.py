@@ -24,7 +24,7 @@ from sddit.config import apply_overrides, config_from_dict, load_preset, preset_
 from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
 SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
@@ -213,8 +213,9 @@ def sweep(args) -> dict:
     set_verbose(args.verbose)
     # everything that can be wrong is checked before Ray starts
     # trials run the preset for the sweep's budget; the best config keeps the preset's own schedule
-    preset = fit_to_dataset(apply_overrides(load_preset(args.preset), list(args.overrides)),
-                            Manifest.read(args.data), args.data)
+    manifest = Manifest.read(args.data)
+    warn_about_layout("sweep", manifest, args.data)
+    preset = fit_to_dataset(apply_overrides(load_preset(args.preset), list(args.overrides)), manifest, args.data)
     base = apply_overrides(preset, [f"train.steps={args.budget_steps}", f"train.checkpoint_every={args.proxy_every}",
                                     f"train.log_every={args.proxy_every}", f"train.sample_every={args.budget_steps}"])
     space = load_space(args.space, set(base.flat()))
