@@ -1,7 +1,8 @@
 """Time one full training step (forward, backward, AdamW, EMA updates) of DiT, MaskDiT and SD-DiT.
 
-Same backbone size for all three; prints img/s, counted FLOPs per image (torch.utils.flop_counter)
-and the SD-DiT / DiT step-time ratio, and appends a JSON record to bench/results/step_time.jsonl.
+Same backbone size for all three; prints img/s, counted FLOPs per image (torch.utils.flop_counter),
+the activation memory of a step (bytes autograd saves for backward) and of the weights, EMA and AdamW
+moments, and the SD-DiT / DiT step-time ratio, and appends a JSON record to bench/results/step_time.jsonl.
 With --repa each family is also timed with REPA's term (lambda 0.5, DINOv2-B's 768-wide features on
 the token grid, REPA's tap depth for the size), and the cost of the term is reported per family.
 
@@ -40,10 +41,32 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+def count_flops_and_activations(fn, model) -> tuple[int, int]:
+    """FLOPs of `fn` (one training step) and the bytes autograd keeps for its backward pass: the distinct
+    storages saved by the forward, parameters excluded. That is the activation memory a step holds at its
+    peak on any device, which on a CPU (no allocator statistics) is the comparable memory figure."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return counter.get_total_flops()
+    return counter.get_total_flops(), sum(saved.values())
+
+
+def state_bytes(*modules_or_optimizers) -> int:
+    """Bytes of the weights and optimiser moments that live through training (model, EMA, AdamW)."""
+    total = 0
+    for item in modules_or_optimizers:
+        tensors = (item.parameters() if isinstance(item, torch.nn.Module) else
+                   (t for state in item.state.values() for t in state.values() if torch.is_tensor(t)))
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def measure_training(name: str, *, batch_size: int, device, precision: str = "fp32", compile: bool = False,
@@ -70,7 +93,7 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
         return train_step(model, optimizer, ema, x0, labels, step=i, config=config, schedules=schedules,
                           features=features)
 
-    flops_per_step = count_flops(lambda: step(0))           # counted in eager mode
+    flops_per_step, activation_bytes = count_flops_and_activations(lambda: step(0), model)  # in eager mode
     if compile:
         compile_model(model)
     for i in range(1, warmup + 1):                          # warm-up (and compilation)
@@ -88,6 +111,7 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
         "step_s": seconds, "img_per_s": batch_size / seconds, "steps_per_s": 1 / seconds,
         "flops_per_step": flops_per_step, "gflops_per_image": flops_per_step / batch_size / 1e9,
         "student_params_m": sum(p.numel() for p in model.student_parameters()) / 1e6,
+        "activation_mib": activation_bytes / 2**20, "state_mib": state_bytes(model, ema, optimizer) / 2**20,
         "loss_finite": bool(torch.isfinite(result.parts["loss"])),
     }
     if device.type == "cuda":
@@ -122,10 +146,12 @@ def main():
     flop_ratio = sddit["gflops_per_image"] / dit["gflops_per_image"]
     print(f"device: {device_name(device)}  batch {batch_size}  precision {args.precision}  "
           f"compile {args.compile}  threads {torch.get_num_threads()}")
-    print(f"{'model':<14}{'img/s':>10}{'steps/s':>10}{'GFLOPs/img':>12}{'params (M)':>12}")
+    print(f"{'model':<20}{'img/s':>10}{'steps/s':>10}{'GFLOPs/img':>12}{'params (M)':>12}"
+          f"{'activations (MiB)':>19}{'state (MiB)':>13}")
     for row in rows:
-        print(f"{row['model']:<14}{row['img_per_s']:>10.1f}{row['steps_per_s']:>10.2f}"
-              f"{row['gflops_per_image']:>12.1f}{row['student_params_m']:>12.1f}")
+        print(f"{row['model']:<20}{row['img_per_s']:>10.1f}{row['steps_per_s']:>10.2f}"
+              f"{row['gflops_per_image']:>12.1f}{row['student_params_m']:>12.1f}"
+              f"{row['activation_mib']:>19.1f}{row['state_mib']:>13.1f}")
     print(f"SD-DiT / DiT step time: {ratio:.2f}x (FLOPs {flop_ratio:.2f}x; paper: 5.03/9.2 = 0.55x)")
     record = {"device": device_name(device), "size": args.size, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "threads": torch.get_num_threads(), "sddit_over_dit_step_time": ratio,
@@ -137,7 +163,8 @@ def main():
             record["repa_over_plain_step_time"][base["model"]] = cost
             print(f"REPA term on {base['model']}: step time {cost:.2f}x, FLOPs "
                   f"{with_repa['gflops_per_image'] / base['gflops_per_image']:.2f}x, +"
-                  f"{with_repa['student_params_m'] - base['student_params_m']:.1f}M parameters")
+                  f"{with_repa['student_params_m'] - base['student_params_m']:.1f}M parameters, activations "
+                  f"{with_repa['activation_mib'] / base['activation_mib']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")

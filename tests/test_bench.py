@@ -48,6 +48,7 @@ def test_step_time_bench_times_the_repa_term(tmp_path):
                                                         "MaskDiT-S/8 + REPA", "SD-DiT-S/8", "SD-DiT-S/8 + REPA"]
     for base, repa in zip(record["rows"][0::2], record["rows"][1::2]):
         assert repa["gflops_per_image"] > base["gflops_per_image"] and repa["student_params_m"] > base["student_params_m"]
+        assert repa["activation_mib"] > base["activation_mib"] > 0 and repa["state_mib"] > base["state_mib"] > 0
     assert set(record["repa_over_plain_step_time"]) == {"DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"}
 
 
@@ -61,3 +62,17 @@ def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):
     assert all(r["peak_rss_mib"] > 0 and r["rows_per_s"] > 0 and r["rows_per_s_without_draw"] > 0
                and r["startup_bytes"] > 0 for r in rows)
     assert "| 5,000 | 2 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_activation_memory_counts_the_distinct_tensors_kept_for_backward_without_parameters():
+    import torch
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_time import count_flops_and_activations
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    flops, saved = count_flops_and_activations(lambda: model(x).sum().backward(), model)
+    # the first Linear keeps its input, ReLU its output, which is also the second Linear's input (one storage);
+    # the weights they keep are parameters
+    assert saved == 4 * (8 * 16 + 8 * 32)
+    # forward and weight-gradient matmuls of both layers, the input gradient of the second only (x needs none)
+    assert flops == 2 * 8 * (2 * (16 * 32 + 32 * 4) + 32 * 4)
