@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per evaluation (default 500 demo, 50000)")
     parser.add_argument("--eval-steps", type=int, default=None, help="Heun steps for evaluation (default 12 demo, 40)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for the recognisability check (default 5 demo, 1.5)")
+    parser.add_argument("--guided-samples", type=int, default=None,
+                        help="samples for the guided evaluation (default: 200 demo, where it only checks that samples "
+                             "show the class asked for; otherwise --eval-samples, as it gives the headline FID)")
     parser.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16"],
                         help="the sampling network under bf16 autocast or in fp32 (default fp32; see evaluate.py)")
     parser.add_argument("--eval-compile", action="store_true",
@@ -83,6 +86,8 @@ class Plan:
         self.eval_samples = args.eval_samples or (500 if demo else 50_000)
         self.eval_steps = args.eval_steps or (12 if demo else 40)
         self.cfg_scale = args.cfg_scale or (5.0 if demo else 1.5)
+        # balanced labels: 200 give 20 per digit, enough for the agreement figure and the summary grid's rows
+        self.guided_samples = args.guided_samples or (min(self.eval_samples, 200) if demo else self.eval_samples)
         self.flip = not demo                                # a mirrored digit is not a digit
 
 
@@ -154,25 +159,26 @@ def run_stages(args, plan: Plan, ray) -> dict:
         if checkpoint is None:
             raise ConfigError("stages", "evaluate needs the train stage in the same run (its checkpoint)")
         start = stage_started("evaluate")
-        evaluation = ["--num-samples", str(plan.eval_samples), "--steps", str(plan.eval_steps),
+        evaluation = ["--steps", str(plan.eval_steps),
                       "--extractor", plan.extractor, "--precision", args.eval_precision] + (
             ["--compile"] if args.eval_compile else []) + (["--reference", args.reference] if args.reference else []) + (
             ["--inception-weights", args.inception_weights] if args.inception_weights else []) + common
 
-        def evaluated(source, cfg_scale: float) -> tuple[dict, Path]:
-            return evaluate.evaluate(evaluate.parse_args(["--checkpoint", str(source), "--cfg-scale", f"{cfg_scale:g}"]
-                                                         + evaluation), keep_actors=True)
+        def evaluated(source, cfg_scale: float, num_samples: int) -> tuple[dict, Path]:
+            return evaluate.evaluate(evaluate.parse_args(["--checkpoint", str(source), "--cfg-scale", f"{cfg_scale:g}",
+                                                          "--num-samples", str(num_samples)] + evaluation),
+                                     keep_actors=True)
 
         # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability; the three
         # evaluations share their sampling actors
         try:
-            summary["metrics_cfg1"], _ = evaluated(checkpoint, 1.0)
-            summary["metrics_cfg"], guided = evaluated(checkpoint, plan.cfg_scale)
+            summary["metrics_cfg1"], _ = evaluated(checkpoint, 1.0, plan.eval_samples)
+            summary["metrics_cfg"], guided = evaluated(checkpoint, plan.cfg_scale, plan.guided_samples)
             summary["metrics_untrained_cfg1"], _ = evaluated(
-                untrained_checkpoint(checkpoint, plan.storage / "untrained"), 1.0)
+                untrained_checkpoint(checkpoint, plan.storage / "untrained"), 1.0, plan.eval_samples)
         finally:
             evaluate.release_sampling_actors()
-        summary["cfg_scale"] = plan.cfg_scale
+        summary["cfg_scale"], summary["guided_samples"] = plan.cfg_scale, plan.guided_samples
         summary["samples"] = str(write_summary_grid(guided, plan))
         summary["stages"]["evaluate"] = stage_done("evaluate", start)
     return summary
@@ -264,7 +270,8 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
               f"ratio {fid / fid0:.3f})")
         agreement = summary["metrics_cfg"].get(f"class_agreement_{suffix}")
         if agreement is not None:
-            print(f"samples classified as the requested class (CFG {summary['cfg_scale']:g}): {100 * agreement:.1f}%")
+            print(f"samples classified as the requested class (CFG {summary['cfg_scale']:g}, "
+                  f"{summary['guided_samples']} samples): {100 * agreement:.1f}%")
         print(f"sample grid: {summary['samples']}")
     if "checkpoint" in summary:
         print(f"checkpoint: {summary['checkpoint']}")

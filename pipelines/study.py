@@ -318,12 +318,11 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import init_ray, tune_verbosity
-    from tuning.sweep import prepare_judge, root_cause, trial_resources, trial_trainable
+    from tuning.sweep import root_cause, trial_resources, trial_trainable
 
     runs = plan["runs"] if runs is None else runs
     storage = storage_of(args)
     judge_dir = str(Path(args.reference or args.data).resolve())
-    prepare_judge(plan["extractor"], judge_dir)
     ray = init_ray(args.address)
     concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
         ray, 1, 1 if args.use_gpu else 0, args.max_concurrent)
@@ -452,6 +451,12 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> No
              + (f" with {' '.join(args.overrides)}" if args.overrides else "") + f"; data {args.data} at "
              f"{plan['base'].data.resolution} px, {plan['base'].model.input_size ** 2 // plan['base'].model.patch_size ** 2}"
              f" tokens. Values are mean ± standard deviation over seeds.", ""]
+    judge = plan.get("judge") or {}
+    if "weights_sha256" in judge:
+        lines += [f"Judge: the domain classifier with weights sha256 `{judge['weights_sha256'][:12]}`, held-out "
+                  f"accuracy {judge['held_out_accuracy']:.3f}. FIDs compare only with runs scored by this judge "
+                  f"(the same checksum): a judge trained on the same images in another order scales FID otherwise.",
+                  ""]
     if plan["name"] in PAPER:
         lines += [f"Paper: {PAPER[plan['name']]}.", ""]
     if plan["pretrain"]:
@@ -556,11 +561,23 @@ def report(args, plan: dict, client, done: dict, parent_run_id: str, outcomes: d
 # The study
 # ---------------------------------------------------------------------------------------------
 
+def check_same_judge(plan: dict, params: dict) -> None:
+    """A continued study must score its new runs with the judge that scored its first ones: two domain judges
+    trained on the same held-out images in another shard order put the same samples at FID 23.0 and 36.3."""
+    recorded = params.get("judge.weights_sha256")
+    current = plan["judge"].get("weights_sha256")
+    if recorded and current and recorded != current:
+        raise ConfigError("reference", f"study {plan['name']!r} was scored by a judge with weights sha256 "
+                                       f"{recorded[:12]}..., the reference dataset's judge is now {current[:12]}... "
+                                       f"(re-encoded or changed?); FIDs would not be comparable: use another --name")
+
+
 def study(args) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
+    from tuning.sweep import prepare_judge
 
     set_verbose(args.verbose)
     plan = plan_study(args)                        # everything that can be wrong fails here, before Ray
@@ -569,8 +586,10 @@ def study(args) -> dict:
     uri = tracking_uri(args.run_dir)
     use_store(uri)
     client = MlflowClient(uri)
+    plan["judge"] = prepare_judge(plan["extractor"], Path(args.reference or args.data).resolve())
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.study_name` = '{plan['name']}'", output_format="list")
     if existing:
+        check_same_judge(plan, existing[0].data.params)
         parent_run_id = existing[0].info.run_id
     else:
         parent = os.environ.get(PARENT_ENV) or None
@@ -581,7 +600,8 @@ def study(args) -> dict:
                                "eval_samples": args.eval_samples, "eval_heun_steps": args.eval_heun_steps,
                                "preset": plan["preset"], "overrides": " ".join(args.overrides)[:500],
                                "data": str(Path(args.data).resolve()),
-                               "reference": str(Path(args.reference or args.data).resolve())})
+                               "reference": str(Path(args.reference or args.data).resolve()),
+                               **{f"judge.{key}": value for key, value in plan["judge"].items()}})
             parent_run_id = run.info.run_id
     todo = [label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
             if o["status"] != "completed"]

@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.checkpoint import load_checkpoint  # noqa: E402
 from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
 from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
 from sddit.models.registry import registry_fields  # noqa: E402
-from sddit.training import fit_to_dataset  # noqa: E402
 from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
@@ -62,6 +60,8 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """The full config, checked against the dataset before any worker starts."""
+    from sddit.checkpoint import load_checkpoint
+    from sddit.training import fit_to_dataset
     config = load_preset(args.preset)
     overrides = []
     if args.model:       # the registry's architecture and family switches (an unknown name fails), then --set
@@ -201,6 +201,7 @@ def train_worker(context: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from sddit.checkpoint import load_checkpoint
     from sddit.config import config_from_dict
     from sddit.training import dataset_info, train_loop
 

@@ -233,7 +233,9 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     bad_streak = torch.zeros((), dtype=torch.long, device=device)
     worst_streak = torch.zeros_like(bad_streak)
     skipped = torch.zeros_like(bad_streak)
-    last_time, last_step = time.perf_counter(), step
+    # training time is the optimiser steps' alone: logging, proxy evaluations, sample grids and checkpoints
+    # between them (`bookkeeping`) are left out of both step_seconds and images_per_s
+    window_start, window_step, bookkeeping = time.perf_counter(), step, 0.0
     step_seconds = 0.0                                      # in optimiser steps, in this process
     metrics: dict = {}
     while step < config.train.steps:
@@ -247,26 +249,29 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
         step += 1
         finished = step == config.train.steps
         checkpointing = step % config.train.checkpoint_every == 0 or finished
+        log_now = step % config.train.log_every == 0 or finished
+        # the only place the host waits for the device, so the steps' time ends after it
+        parts = {key: float(value) for key, value in result.parts.items()} if log_now else {}
+        paused = time.perf_counter()
 
-        # log (the only place the host waits for the device)
-        if step % config.train.log_every == 0 or finished:
+        # log
+        if log_now:
             if int(worst_streak) >= config.train.max_bad_steps:
                 raise NonFiniteError(f"{int(worst_streak)} consecutive steps with a non-finite loss or gradient "
                                      f"before step {step} (train.max_bad_steps={config.train.max_bad_steps}); "
                                      f"the last checkpoint holds the last good state")
-            now = time.perf_counter()
-            step_seconds += now - last_time
-            metrics = {key: float(value) for key, value in result.parts.items()}
-            metrics.update(grad_norm=float(result.grad_norm), lr=optimizer.param_groups[0]["lr"],
+            seconds = max(paused - window_start - bookkeeping, 1e-9)
+            step_seconds += seconds
+            metrics = dict(parts, grad_norm=float(result.grad_norm), lr=optimizer.param_groups[0]["lr"],
                            teacher_temp=float(schedules.teacher_temp[step - 1]),
                            teacher_momentum=float(schedules.teacher_momentum[step - 1]),
                            mask_ratio=float(schedules.mask_ratio[step - 1]),     # 0 from the unmasked phase on
                            skipped_steps=float(skipped), epoch=float(loader.position(step)["epoch"]),
-                           images_per_s=(step - last_step) * config.optim.batch_size / max(now - last_time, 1e-9),
+                           images_per_s=(step - window_step) * config.optim.batch_size / seconds,
                            step_seconds=step_seconds)
+            window_start, window_step, bookkeeping = paused, step, 0.0
             if rank == 0:
                 metrics.update(hooks.evaluate(step, ema))
-            last_time, last_step = time.perf_counter(), step     # evaluation time is not training time
             hooks.log(step, metrics, checkpoint_follows=checkpointing)
 
         # sample a grid from the generation EMA (rank 0)
@@ -276,5 +281,6 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
         # save snapshot
         if checkpointing:
             hooks.checkpoint(step, save, metrics)
+        bookkeeping += time.perf_counter() - paused
     loader.close()
     return metrics

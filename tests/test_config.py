@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,13 @@ def test_config_errors_survive_pickling_across_processes():
     import pickle
     error = pickle.loads(pickle.dumps(ConfigError("optim.lr", "must be > 0, got -1")))
     assert error.field == "optim.lr" and str(error) == "optim.lr: must be > 0, got -1"
+
+
+def test_configs_and_the_pipeline_modules_import_without_torch_or_timm():
+    # a Tune trial's actor unpickles its trainable from tuning.sweep and only starts a Ray Train run: importing
+    # the networks there cost each trial ~2 s of CPU on the 2-core demo
+    code = ("import sys, sddit.config, sddit.models, tuning.sweep, pipelines.train, pipelines.full_run; "
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

@@ -3,12 +3,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
 SMOKE = ["--sweep-samples", "2", "--sweep-budget", "8", "--train-steps", "8", "--eval-samples", "30",
-         "--eval-steps", "4"]
+         "--guided-samples", "20", "--eval-steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,26 @@ def test_demo_pipeline_runs_every_stage_and_summarises(smoke):
     for key in ("metrics_cfg1", "metrics_cfg", "metrics_untrained_cfg1"):
         assert {"fid_domain", "is_domain", "class_agreement_domain"} <= set(summary[key])
     assert Path(summary["samples"]).is_file() and Path(summary["checkpoint"]).is_dir()
+    guided = np.load(Path(summary["checkpoint"]) / "eval-4steps-cfg5" / "samples.npz")
+    cfg1 = np.load(Path(summary["checkpoint"]) / "eval-4steps-cfg1" / "samples.npz")
+    assert len(guided["arr_0"]) == summary["guided_samples"] == 20 and len(cfg1["arr_0"]) == 30
     saved = json.loads((run_dir / "demo_summary.json").read_text())
     assert saved["checkpoint"] == summary["checkpoint"]
     digits = run_dir / "demo" / "digits"
     assert sorted(p.name for p in digits.iterdir() if p.is_dir()) == [str(d) for d in range(10)]
     assert sum(1 for _ in digits.rglob("*.png")) == 1797
+
+
+@pytest.mark.parametrize("argv, eval_samples, guided_samples", [
+    ([], 500, 200),                                     # the demo: the guided pass only checks recognisability
+    (["--eval-samples", "100"], 100, 100),
+    (["--guided-samples", "300"], 500, 300),
+    (["--preset", "imagenet256-XL2", "--cluster", "--data", "/shared/imagenet"], 50_000, 50_000),
+])
+def test_the_guided_evaluation_is_smaller_only_for_the_demo(argv, eval_samples, guided_samples):
+    from pipelines.full_run import Plan, parse_args
+    plan = Plan(parse_args(argv))
+    assert (plan.eval_samples, plan.guided_samples) == (eval_samples, guided_samples)
 
 
 def test_mlflow_has_one_parent_run_with_a_child_per_stage(smoke):

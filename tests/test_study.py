@@ -100,6 +100,16 @@ def test_bad_study_inputs_fail_before_ray_naming_the_field(tiny_data, tmp_path):
               "--reference", str(tmp_path / "missing")])
 
 
+def test_a_continued_study_refuses_a_judge_other_than_the_one_that_scored_it():
+    from pipelines.study import check_same_judge
+    from sddit.errors import ConfigError
+    plan = {"name": "fmnist", "judge": {"extractor": "domain", "weights_sha256": "b" * 64}}
+    check_same_judge(plan, {"judge.weights_sha256": "b" * 64})
+    check_same_judge(plan, {})                           # a study started before judges were recorded
+    with pytest.raises(ConfigError, match="judge with weights sha256 aaaaaaaaaaaa.*now bbbbbbbbbbbb.*another --name"):
+        check_same_judge(plan, {"judge.weights_sha256": "a" * 64})
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tiny_data):
     from pipelines.study import main
@@ -120,6 +130,7 @@ def test_tiny_study_writes_csv_summary_and_plots(tiny_study):
     assert all(float(r["train_seconds"]) > 0 for r in rows)
     text = (out / "summary.md").read_text()
     assert "| 32 |" in text and "DiT vs SD-DiT: FID" in text
+    assert "Judge: the domain classifier with weights sha256 `" in text
     assert "## Runs that did not finish" in text and "Diverges@seed0" in text and "non-finite" in text
     for name in ("fid_vs_images.png", "fid_vs_wallclock.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -140,6 +151,7 @@ def test_tiny_study_mlflow_has_a_parent_with_a_child_per_run(tiny_study):
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted((c.data.params["study.arm"], c.data.params["study.seed"]) for c in children) == sorted(
         (arm, str(seed)) for arm in ("DiT", "SD-DiT", "Diverges") for seed in (0, 1))
+    assert len(parent.data.params["judge.weights_sha256"]) == 64 and parent.data.params["judge.extractor"] == "domain"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "summary.md", "outcomes.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} >= {

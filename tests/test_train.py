@@ -1,5 +1,6 @@
 """The train stage: bare-loop exact resume and NaN handling, then Ray Train with 2 CPU workers."""
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,43 @@ def test_sample_grids_have_the_configured_size_or_are_off(dataset, preset, tmp_p
     train_loop(config, dataset, hooks=hooks)
     side, channels = config.model.input_size, config.model.in_channels
     assert hooks.grids == ({} if count == 0 else {4: (3, channels, side, side), config.train.steps: (3, channels, side, side)})
+
+
+class SlowHooks(RecordMetrics):
+    """Each log, sample grid and checkpoint takes 0.25 s longer, as an MLflow call or an upload can."""
+
+    def __init__(self, run_dir):
+        super().__init__(run_dir)
+        self.slept = 0.0
+
+    def pause(self):
+        time.sleep(0.25)
+        self.slept += 0.25
+
+    def log(self, step, metrics, checkpoint_follows=False):
+        super().log(step, metrics, checkpoint_follows)
+        self.pause()
+
+    def samples(self, step, latents):
+        self.pause()
+
+    def checkpoint(self, step, save, metrics):
+        super().checkpoint(step, save, metrics)
+        self.pause()
+
+
+def test_training_time_leaves_out_logging_sample_grids_and_checkpoints(dataset, preset, tmp_path):
+    hooks = SlowHooks(tmp_path)
+    start = time.perf_counter()
+    train_loop(load_preset(preset), dataset, hooks=hooks)
+    wall = time.perf_counter() - start
+    assert hooks.slept == 0.25 * (4 + 2 + 3)                # logs at 2, 4, 6, 8; grids at 4, 8; checkpoints at 3, 6, 8
+    assert 0 < hooks.metrics[8]["step_seconds"] < wall - hooks.slept
+    batch = load_preset(preset).optim.batch_size
+    for step in (4, 6, 8):                                  # a window's rate: its steps over its own step time
+        window = hooks.metrics[step]["step_seconds"] - hooks.metrics[step - 2]["step_seconds"]
+        assert hooks.metrics[step]["images_per_s"] == pytest.approx(2 * batch / window)
+        assert window < 0.25
 
 
 @pytest.mark.parametrize("crash_at", [4, 7])                    # resumed in the masked phase, then the unmasked one
@@ -331,3 +369,20 @@ def test_demo_curve_bench_scores_the_untrained_model_then_every_interval(dataset
     for point in points:
         assert point["fid_cfg1"] > 0 and 0 <= point["class_agreement_cfg"] <= 1
     assert all(p["images_per_s"] > 0 for p in points[1:]) and "images_per_s" not in points[0]
+
+
+def test_cross_judge_bench_scores_one_draw_of_samples_under_each_judge(dataset, preset, tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cross_judge import main as cross_judge
+    hooks = LocalHooks(tmp_path / "run", verbose=False)
+    train_loop(load_preset(preset), dataset, hooks=hooks)
+    out = tmp_path / "judges.jsonl"
+    [record] = cross_judge(["--judge", f"a={dataset}", "--judge", f"b={dataset}", "--checkpoint",
+                            f"tiny={hooks.latest()}", "--samples", "20", "--heun-steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == record and record["step"] == TINY["train"]["steps"]
+    # one draw of samples: the same judge twice gives the same FID, and the record says which network judged
+    assert record["fid[a]"] == record["fid[b]"] > 0
+    assert record["judge[a]"]["sha256"] == record["judge[b]"]["sha256"] and len(record["judge[a]"]["sha256"]) == 64

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sddit.config import apply_overrides, config_from_dict, load_preset, preset_names, save_config  # noqa: E402
 from sddit.data import Manifest  # noqa: E402
 from sddit.errors import ConfigError  # noqa: E402
-from sddit.training import fit_to_dataset  # noqa: E402
 from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
@@ -190,12 +189,16 @@ def trial_resources(ray, workers_per_trial: int, gpus_per_trial: float, max_conc
     return concurrent, fitting_cpus(ray, workers), gpus_per_worker
 
 
-def prepare_judge(extractor: str, judge_dir) -> None:
+def prepare_judge(extractor: str, judge_dir) -> dict:
     """The domain judge is trained on first use and cached with its shards, and so are its reference
-    statistics: make both once here, not in each of the first trials at the same time."""
-    if extractor == "domain":
-        from sddit.evaluation import load_reference, make_extractor
-        load_reference(None, make_extractor("domain", dataset_dir=judge_dir), dataset_dir=judge_dir)
+    statistics: make both once here, not in each of the first trials at the same time. Returns what
+    identifies the judge: FIDs compare only between samples scored by the same network."""
+    if extractor != "domain":
+        return {"extractor": extractor}
+    from sddit.evaluation import load_reference, make_extractor
+    judge = make_extractor("domain", dataset_dir=judge_dir)
+    load_reference(None, judge, dataset_dir=judge_dir)
+    return {"extractor": extractor, "weights_sha256": judge.weights_checksum, "held_out_accuracy": judge.accuracy}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +212,7 @@ def sweep(args) -> dict:
 
     from pipelines.common import init_ray, tune_verbosity
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
+    from sddit.training import fit_to_dataset
 
     set_verbose(args.verbose)
     # everything that can be wrong is checked before Ray starts
