@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.checkpoint import load_checkpoint  # noqa: E402
+from sddit.checkpoint import generator_of, load_checkpoint  # noqa: E402
 from sddit.codecs import make_codec  # noqa: E402
 from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch  # noqa: E402
-from sddit.training import build_training  # noqa: E402
 
 
 def named(text: str) -> tuple[str, str]:
@@ -50,9 +49,7 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, path in args.checkpoint:
         payload = load_checkpoint(path)
-        _, _, ema, _ = build_training(payload["config"])
-        ema.load_state_dict(payload["generation_ema"])
-        dataset = payload["dataset"]
+        ema, dataset = generator_of(payload), payload["dataset"]
         plan = SamplingPlan(num_samples=args.samples, batch_size=args.samples, num_classes=dataset["num_classes"],
                             latent_shape=dataset["latent_shape"], steps=args.heun_steps, cfg_scale=1.0, seed=0)
         with torch.no_grad():

@@ -257,7 +257,7 @@ def plan_study(args) -> dict:
     extractor = "domain" if codec == "pixel" else "inception"
     return {"name": args.name, "arms": arms, "base": base, "preset": preset_name, "steps": steps, "every": every,
             "images": steps * batch, "extractor": extractor, "runs": runs, "pretrain_runs": pretrain_runs,
-            "pretrain": pretrain}
+            "pretrain": pretrain, "judge_dir": str(Path(args.reference or args.data).resolve())}
 
 
 def plan_pretraining(args, arms: list[str], base, manifest) -> dict | None:
@@ -322,7 +322,6 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
 
     runs = plan["runs"] if runs is None else runs
     storage = storage_of(args)
-    judge_dir = str(Path(args.reference or args.data).resolve())
     ray = init_ray(args.address)
     concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
         ray, 1, 1 if args.use_gpu else 0, args.max_concurrent)
@@ -332,7 +331,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
         "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
         "gpus_per_worker": gpus_per_worker,
         "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
-                  "extractor": plan["extractor"], "reference": judge_dir},
+                  "extractor": plan["extractor"], "reference": plan["judge_dir"]},
     }
     steps = runs[todo[0]].get("steps", plan["steps"])
     print(f"study {plan['name']}: {len(todo)} {what} of {steps} steps ({steps * plan['base'].optim.batch_size} images), "
@@ -586,7 +585,7 @@ def study(args) -> dict:
     uri = tracking_uri(args.run_dir)
     use_store(uri)
     client = MlflowClient(uri)
-    plan["judge"] = prepare_judge(plan["extractor"], Path(args.reference or args.data).resolve())
+    plan["judge"] = prepare_judge(plan["extractor"], plan["judge_dir"])
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.study_name` = '{plan['name']}'", output_format="list")
     if existing:
         check_same_judge(plan, existing[0].data.params)
@@ -600,7 +599,7 @@ def study(args) -> dict:
                                "eval_samples": args.eval_samples, "eval_heun_steps": args.eval_heun_steps,
                                "preset": plan["preset"], "overrides": " ".join(args.overrides)[:500],
                                "data": str(Path(args.data).resolve()),
-                               "reference": str(Path(args.reference or args.data).resolve()),
+                               "reference": plan["judge_dir"],
                                **{f"judge.{key}": value for key, value in plan["judge"].items()}})
             parent_run_id = run.info.run_id
     todo = [label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()

@@ -92,7 +92,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
 def load_generator(path: str | Path, device="cpu") -> tuple[Config, EDMPrecond, dict]:
     """(config, generation-EMA denoiser in eval mode, dataset info) for sampling."""
     payload = load_checkpoint(path)
+    return payload["config"], generator_of(payload, device), payload["dataset"]
+
+
+def generator_of(payload: dict, device="cpu") -> EDMPrecond:
+    """The generation-EMA denoiser of a loaded checkpoint, in eval mode."""
     config = payload["config"]
     ema = EDMPrecond(Backbone(config.model), config.model.sigma_data)   # no head or teacher needed to sample
     ema.load_state_dict(payload["generation_ema"])
-    return config, ema.to(device).eval().requires_grad_(False), payload["dataset"]
+    return ema.to(device).eval().requires_grad_(False)
