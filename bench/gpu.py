@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from step_time import FAMILIES, count_flops, device_name, measure_training, synchronize  # noqa: E402
+from step_time import FAMILIES, count_flops_and_activations, device_name, measure_training, synchronize  # noqa: E402
 
 from sddit.diffusion import edm_sample  # noqa: E402
 from sddit.evaluation import SamplingPlan, sampling_network  # noqa: E402
@@ -73,7 +73,8 @@ def heun_sampling(name: str, device, batch_size: int, input_size: int, steps: in
     noise = plan.noise(range(batch_size)).to(device)
     labels = torch.from_numpy(plan.labels(range(batch_size))).to(device)
     sigma = torch.tensor(1.0, dtype=torch.float64, device=device)
-    flops_per_image = count_flops(lambda: model.denoiser(noise[:1].double(), sigma, labels[:1]))
+    one_image = lambda: model.denoiser(noise[:1].double(), sigma, labels[:1])  # noqa: E731
+    flops_per_image, _ = count_flops_and_activations(one_image, model)
 
     def run(n):
         return edm_sample(network, noise, labels, steps=n, cfg_scale=cfg_scale, null_label=1000 if batched else None)
