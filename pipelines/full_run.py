@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.time()   # run as a script, the wall clock starts here: before the project's and the libraries' imports
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
 from sddit.config import load_preset  # noqa: E402
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--run-dir", default="runs", help="local run directory: MLflow store, summary (default runs/)")
     parser.add_argument("--num-workers", type=int, default=None, help="training workers (default 1 locally, all GPUs on --cluster)")
-    parser.add_argument("--sweep-samples", type=int, default=None, help="sweep trials (default 4 demo, 16 cluster)")
+    parser.add_argument("--sweep-samples", type=int, default=None, help="sweep trials (default 2 demo, 16 cluster)")
     parser.add_argument("--sweep-budget", type=int, default=None, help="steps per trial (default 40 demo, 20000 cluster)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="final training steps (default: the preset's, less the sweep budget for the demo)")
@@ -219,9 +221,9 @@ def main(argv=None) -> dict:
 
     from pipelines.common import init_ray
     from pipelines.tracking import PARENT_ENV, params_key, tracking_uri, unfinished_run, use_store
+    start = STARTED if __name__ == "__main__" else time.time()
     args = parse_args(argv)
     plan = Plan(args)
-    start = time.time()
     ray = init_ray((args.address or "auto") if args.cluster else None)
     uri = tracking_uri(plan.run_dir)
     experiment = use_store(uri)

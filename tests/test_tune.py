@@ -1,5 +1,6 @@
 """A tiny sweep on CPU: ASHA stops weak trials, a failing trial is recorded, the best config trains."""
 import json
+import threading
 
 import pytest
 import yaml
@@ -10,7 +11,15 @@ from tests.test_train import TINY
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, image_tree, tmp_path_factory):
+    import tuning.sweep
     from tuning.sweep import main as sweep_main
+    judge_threads = []
+
+    def recorded_prepare_judge(*args):
+        judge_threads.append(threading.current_thread())
+        return prepare_judge(*args)
+
+    prepare_judge = tuning.sweep.prepare_judge
     root = tmp_path_factory.mktemp("tune")
     data = encode_pixels(image_tree[0], root / "pixel8", 8)
     preset = root / "tiny.yaml"
@@ -19,10 +28,21 @@ def sweep(ray_session, image_tree, tmp_path_factory):
     # a grid, so the 4 trials are known: lr 1e-5 learns nothing (ASHA should stop it), -1 is invalid (fails)
     space.write_text(yaml.safe_dump({"optim.lr": {"type": "grid", "values": [3e-3, 1e-5, 1e-3, -1.0]},
                                      "diffusion.teacher_sigma": {"type": "choice", "values": [0.002]}}))
-    summary = sweep_main(["--data", str(data), "--preset", str(preset), "--space", str(space), "--search", "grid",
-                          "--num-samples", "1", "--budget-steps", "12", "--grace-steps", "4", "--proxy-samples", "24",
-                          "--max-concurrent", "1", "--name", "tiny", "--run-dir", str(root / "runs")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tuning.sweep, "prepare_judge", recorded_prepare_judge)
+        summary = sweep_main(["--data", str(data), "--preset", str(preset), "--space", str(space), "--search", "grid",
+                              "--num-samples", "1", "--budget-steps", "12", "--grace-steps", "4",
+                              "--proxy-samples", "24", "--max-concurrent", "1", "--name", "tiny",
+                              "--run-dir", str(root / "runs")])
+    summary["judge_threads"] = judge_threads
     return root, data, summary
+
+
+def test_the_judge_trains_once_beside_the_trials_not_before_them(sweep):
+    _, data, summary = sweep
+    assert len(summary["judge_threads"]) == 1
+    assert summary["judge_threads"][0] is not threading.main_thread()
+    assert (data / "domain_classifier.pt").is_file()
 
 
 def test_sweep_stops_weak_trials_and_records_the_failed_one(sweep):

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -228,7 +229,10 @@ def sweep(args) -> dict:
     name = args.name or f"sweep-{Path(args.preset).stem}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
 
-    prepare_judge(extractor, args.data)
+    # The judge trains on one CPU thread for several seconds and the trials need it only for their first proxy
+    # FID, so it trains while their processes start instead of before (a trial that got there first would train
+    # the same network itself: same rows, seed and single thread; both caches are written atomically)
+    judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge").submit(prepare_judge, extractor, args.data)
     ray = init_ray(args.address)
     max_concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
         ray, args.workers_per_trial, args.gpus_per_trial, args.max_concurrent)
@@ -278,6 +282,7 @@ def sweep(args) -> dict:
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         results = tuner.fit()
+        judge.result()
         return {**summarise(results, space, preset, metric, args, name), "max_concurrent": max_concurrent}
 
 
