@@ -44,7 +44,7 @@ def main(argv=None):
     judges = {}
     for name, directory in args.judge:
         extractor = make_extractor("domain", dataset_dir=directory)
-        judges[name] = (extractor, load_reference(None, extractor, dataset_dir=directory))
+        judges[name] = (directory, extractor, load_reference(None, extractor, dataset_dir=directory))
     records = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, path in args.checkpoint:
@@ -55,9 +55,9 @@ def main(argv=None):
         with torch.no_grad():
             images, labels = sample_batch(ema, make_codec(dataset["codec"], dataset["vae"] or ""), 0, plan)
         record = {"checkpoint": name, "path": str(path), "step": payload["step"], "samples": args.samples}
-        for judge, (extractor, reference) in judges.items():
+        for judge, (directory, extractor, reference) in judges.items():
             record[f"fid[{judge}]"] = compute_metrics(extractor, images, reference, labels)["fid_domain"]
-            record[f"judge[{judge}]"] = {"dir": str(dict(args.judge)[judge]), "sha256": extractor.weights_checksum,
+            record[f"judge[{judge}]"] = {"dir": directory, "sha256": extractor.weights_checksum,
                                          "held_out_accuracy": extractor.accuracy}
         print(json.dumps(record), flush=True)
         with open(args.out, "a") as f:                     # as it goes: a long list loses nothing on a stop
