@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
               "storage": str(plan.storage)}
     tags = {"sddit.stage": "pipeline", "sddit.pipeline_key": params_key(params)}
     # Starting a local Ray runtime is mostly waiting for its processes (3-4 s); the MLflow store and the
-    # stages' imports happen meanwhile (the demo's first stage started 2-3 s sooner)
+    # stages' imports happen meanwhile (the demo's first stage started about 2 s sooner)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as pool:
         setup = pool.submit(open_store, plan.run_dir, tags)
         ray = init_ray((args.address or "auto") if args.cluster else None)
