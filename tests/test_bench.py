@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,3 +78,36 @@ def test_activation_memory_counts_the_distinct_tensors_kept_for_backward_without
     assert saved == 4 * (8 * 16 + 8 * 32)
     # forward and weight-gradient matmuls of both layers, the input gradient of the second only (x needs none)
     assert flops == 2 * 8 * (2 * (16 * 32 + 32 * 4) + 32 * 4)
+
+
+@pytest.mark.slow
+def test_demo_timing_times_a_tiny_demo_from_outside_and_reads_its_timeline(tmp_path):
+    out, timelines = tmp_path / "demo_timing.jsonl", tmp_path / "timelines"
+    result = subprocess.run([sys.executable, str(ROOT / "bench/demo_timing.py"), "--repeats", "1",
+                             "--run-dir", str(tmp_path / "run"), "--out", str(out), "--timelines", str(timelines),
+                             "--", "--sweep-budget", "2", "--train-steps", "3", "--eval-samples", "16",
+                             "--guided-samples", "10"], check=True, capture_output=True, text=True)
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["exit_status"] == 0
+    # the outside clock holds the summary's, and the overhead is what is not a training step by that clock
+    assert record["wall_s"] >= record["summary_wall_s"]
+    assert record["overhead_s"] == pytest.approx(record["wall_s"] - record["training_steps_s"], abs=0.02)
+    marks = record["stages_by_clock"]
+    times = [marks[stage][edge] for stage in ("encode", "tune", "train", "evaluate") for edge in ("started", "done")]
+    assert times == sorted(times) and times[-1] <= record["wall_s"]
+    assert abs(len(record["idle_percent_by_second"]) - record["wall_s"]) <= 2
+    assert record["fid_untrained_cfg1"] > 0 and record["guided_samples"] == 10
+    assert "| 1 | 0 min" in result.stdout or "| 1 | 1 min" in result.stdout
+    assert "full_run: evaluate done" in (timelines / "run-1.txt").read_text()
+
+
+def test_demo_timing_records_a_failed_run_and_goes_on(tmp_path):
+    out = tmp_path / "demo_timing.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "bench/demo_timing.py"), "--repeats", "2",
+                             "--run-dir", str(tmp_path / "run"), "--out", str(out), "--", "--preset", "no-such-preset"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "run(s) 1, 2 failed" in result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["run"] for r in records] == [1, 2] and all(r["exit_status"] != 0 for r in records)
+    assert "summary_wall_s" not in records[0]
+    assert "| 1 |" in result.stdout and "failed (exit status" in result.stdout
