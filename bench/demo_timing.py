@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sddit import code_version  # noqa: E402
+
 STAGE_LINE = re.compile(r"full_run: (encode|tune|train|evaluate) (started|done)")
 PROGRESS_LINE = re.compile(r"final-\S+: step \d+/\d+, ([0-9.]+) img/s")
 
@@ -61,6 +64,8 @@ class IdleSampler(threading.Thread):
         self.start_time, self.samples, self.stopped = start, [], threading.Event()
 
     def run(self):
+        if not Path("/proc/stat").exists():   # not Linux: the run is timed, its idle share is not
+            return
         before = cpu_ticks()
         while not self.stopped.wait(1.0):
             after = cpu_ticks()
@@ -123,10 +128,12 @@ def record_of(run: int, wall: float, status: int, lines, idle, summary: dict | N
 
 
 def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"commit": commit.stdout.strip() or None, "cpu": model, "cpus": os.cpu_count(),
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):       # not Linux, or no model line
+        model = platform.processor() or platform.machine()
+    return {"code_version": code_version(), "cpu": model, "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 

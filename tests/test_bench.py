@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from sddit import code_version
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,6 +99,7 @@ def test_demo_timing_times_a_tiny_demo_from_outside_and_reads_its_timeline(tmp_p
     assert times == sorted(times) and times[-1] <= record["wall_s"]
     assert abs(len(record["idle_percent_by_second"]) - record["wall_s"]) <= 2
     assert record["fid_untrained_cfg1"] > 0 and record["guided_samples"] == 10
+    assert record["machine"]["code_version"] == code_version() and record["machine"]["cpus"] >= 1
     assert "| 1 | 0 min" in result.stdout or "| 1 | 1 min" in result.stdout
     assert "full_run: evaluate done" in (timelines / "run-1.txt").read_text()
 
