@@ -63,29 +63,43 @@ def loopback_cluster():
     env.update(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
                RAY_USAGE_STATS_ENABLED="0")
     run([ray_bin, "get-auth-token", "--generate"], env)
-    gcs, dashboard = free_port(), free_port()
 
     def agent_ports():
         """Each node's agents on free ports, so another Ray on the machine (Ray's defaults) cannot collide."""
         return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
 
-    nodes = []
+    nodes, logs = [], []
+
+    def start_node(name: str, *options: str) -> subprocess.Popen:
+        """`ray start --block` with its output in a log under the isolated HOME, so a failure can say why."""
+        log = home / f"{name}-{len(logs)}.log"
+        logs.append(log)
+        with log.open("w") as out:
+            node = subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                                     "--disable-usage-stats", *options, *agent_ports()],
+                                    env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        nodes.append(node)
+        return node
+
+    def status(address: str) -> subprocess.CompletedProcess:
+        return run([ray_bin, "status", "--address", address], env, check=False)
+
     try:
-        nodes.append(subprocess.Popen(
-            [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--num-cpus", "1", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard), "--temp-dir", str(temp_dirs[0]), "--disable-usage-stats",
-             *agent_ports()],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: run([ray_bin, "status", "--address", f"127.0.0.1:{gcs}"], env, check=False).returncode == 0,
-                 "the head node")
-        nodes.append(subprocess.Popen(
-            [ray_bin, "start", "--block", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "1", "--temp-dir", str(temp_dirs[1]), "--disable-usage-stats", *agent_ports()],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: re.search(r"/2\.0 CPU", run([ray_bin, "status", "--address", f"127.0.0.1:{gcs}"], env,
-                                                     check=False).stdout), "the second node")
+        # a port handed out by free_port() can be taken by someone else before Ray binds it: a head that
+        # exits while starting is started once more on fresh ports
+        for attempt in range(2):
+            gcs, dashboard = free_port(), free_port()
+            head = start_node("head", "--head", "--port", str(gcs), "--include-dashboard", "true",
+                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                              "--temp-dir", str(temp_dirs[0]))
+            if wait_for(lambda: status(f"127.0.0.1:{gcs}").returncode == 0, "the head node", process=head,
+                        log=logs[-1], raise_on_exit=attempt == 1):
+                break
+            subprocess.run(["pkill", "-9", "-f", str(temp_dirs[0])], check=False)   # what the failed head left
+        start_node("worker", "--address", f"127.0.0.1:{gcs}", "--temp-dir", str(temp_dirs[1]))
+        wait_for(lambda: re.search(r"/2\.0 CPU", status(f"127.0.0.1:{gcs}").stdout), "the second node",
+                 process=nodes[-1], log=logs[-1])
         yield SimpleNamespace(env=env, ray=ray_bin, address=f"http://127.0.0.1:{dashboard}", home=home)
     finally:
         for node in reversed(nodes):
@@ -102,13 +116,24 @@ def loopback_cluster():
         shutil.rmtree(home, ignore_errors=True)
 
 
-def wait_for(condition, what: str, timeout: float = 120):
+def wait_for(condition, what: str, timeout: float = 180, process: subprocess.Popen | None = None,
+             log: Path | None = None, raise_on_exit: bool = True) -> bool:
+    """Poll `condition` until it holds (True). If `process` exits first: False, or with `raise_on_exit` an
+    error with the tail of its `log`; a timeout is an error with that tail too."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
-            return
+            return True
+        if process is not None and process.poll() is not None:
+            if not raise_on_exit:
+                return False
+            raise AssertionError(f"{what} exited ({process.returncode}) while starting:\n{tail(log)}")
         time.sleep(2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{tail(log)}")
+
+
+def tail(log: Path | None, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log is not None and log.exists() else "(no log)"
 
 
 # ---------------------------------------------------------------------------------------------
