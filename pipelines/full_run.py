@@ -297,3 +297,6 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
 
 if __name__ == "__main__":
     run_cli("full_run", main)
+    # Ray's exit hook waits 0.5 s for workers' late log lines; the stages' output arrived long before the summary
+    import ray
+    ray.shutdown()

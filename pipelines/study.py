@@ -318,7 +318,8 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import init_ray, tune_verbosity
-    from tuning.sweep import root_cause, trial_resources, trial_trainable
+    from pipelines.tracking import use_store
+    from tuning.sweep import root_cause, trial_resources, trial_runs_callback, trial_trainable
 
     runs = plan["runs"] if runs is None else runs
     storage = storage_of(args)
@@ -328,6 +329,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
     context = {
         "base_config": plan["base"].to_dict(), "data": str(Path(args.data).resolve()),
         "runs": {label: runs[label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
+        "experiment_id": use_store(uri).experiment_id,
         "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
         "gpus_per_worker": gpus_per_worker,
         "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
@@ -343,6 +345,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
         # a new Tune experiment per invocation; the Train runs inside keep their names and so their checkpoints
         run_config=tune.RunConfig(name=f"study-{plan['name']}-{what}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(storage), verbose=tune_verbosity(),
+                                  callbacks=[trial_runs_callback(context)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     errors = {}

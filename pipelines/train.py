@@ -89,17 +89,19 @@ def resolve_config(args):
 # ---------------------------------------------------------------------------------------------
 
 class RayHooks:
-    """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train."""
+    """Rank 0 logs to MLflow (one run, continued across restarts); every rank reports to Ray Train.
+    `mlflow_run` holds find_or_create_run's arguments after the client: rank 0 finds or creates the run."""
 
-    def __init__(self, rank: int, mlflow_uri: str, mlflow_run_id: str, dataset: dict, kill: str | None = None,
+    def __init__(self, rank: int, mlflow_uri: str, mlflow_run: dict, dataset: dict, kill: str | None = None,
                  proxy: dict | None = None, name: str = "train", total_steps: int = 0):
-        self.rank, self.run_id, self.dataset, self.kill, self.proxy = rank, mlflow_run_id, dataset, kill, proxy
+        self.rank, self.dataset, self.kill, self.proxy = rank, dataset, kill, proxy
         self.name, self.total_steps = name, total_steps
-        self.client, self.last_logged, self.codec, self._judge = None, -1, None, None
+        self.client, self.run_id, self.last_logged, self.codec, self._judge = None, None, -1, None, None
         if rank == 0:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(mlflow_uri)
-            history = self.client.get_metric_history(mlflow_run_id, "loss")
+            self.run_id = find_or_create_run(self.client, **mlflow_run)
+            history = self.client.get_metric_history(self.run_id, "loss")
             self.last_logged = max((m.step for m in history), default=-1)   # after a restart: no duplicate steps
 
     def log(self, step, metrics, checkpoint_follows=False):
@@ -219,7 +221,7 @@ def train_worker(context: dict) -> None:
         with checkpoint.as_directory() as directory:
             resume = load_checkpoint(directory)
     init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
-    hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run_id"],
+    hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run"],
                      dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"],
                      context.get("proxy"), context.get("name", "train"), config.train.steps)
     train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
@@ -234,28 +236,32 @@ def train_worker(context: dict) -> None:
 CODE_VERSION_TAG = "sddit.code_version"
 
 
-def find_or_start_mlflow_run(name: str, params: dict, parent_run_id: str | None = None):
-    """The MLflow run of this training name: reused when the command is re-run, so metrics continue.
-    A new one is a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) when given."""
-    import mlflow
+def find_or_create_run(client, experiment_id: str, name: str, params: dict, parent_run_id: str | None = None) -> str:
+    """The id of training `name`'s MLflow run: the run of an earlier start of the same name, so metrics
+    continue, or a new one (a child of `parent_run_id` when given). Called by the driver of a training and
+    by rank 0 of a sweep's or study's trial, so a trial's own process never loads MLflow."""
+    from mlflow.entities import Param
 
-    from pipelines.tracking import PARENT_ENV
     from sddit import code_version
 
     # the code each (re)start ran, in order: a run resumed by other code says so
     version = code_version()
-    existing = mlflow.search_runs(filter_string=f"tags.`sddit.train_name` = '{name}'", output_format="list")
-    if existing:   # nested when a pipeline's parent run is active in this process
-        earlier = existing[0].data.tags.get(CODE_VERSION_TAG, "")
-        run = mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
+    existing = client.search_runs([experiment_id], f"tags.`sddit.train_name` = '{name}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    if existing:
+        run_id, earlier = existing[0].info.run_id, existing[0].data.tags.get(CODE_VERSION_TAG, "")
         if version not in earlier.split(", "):
-            mlflow.set_tag(CODE_VERSION_TAG, f"{earlier}, {version}" if earlier else version)
-        return run
-    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
-    run = mlflow.start_run(run_name=f"train {name}", parent_run_id=parent, nested=parent is not None,
-                           tags={"sddit.stage": "train", "sddit.train_name": name, CODE_VERSION_TAG: version})
-    mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
-    return run
+            client.set_tag(run_id, CODE_VERSION_TAG, f"{earlier}, {version}" if earlier else version)
+        client.update_run(run_id, status="RUNNING")         # it runs again; its driver ends it
+        return run_id
+    tags = {"sddit.stage": "train", "sddit.train_name": name, CODE_VERSION_TAG: version}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, run_name=f"train {name}", tags=tags).info.run_id
+    params = [Param(key, str(value)[:500]) for key, value in params.items()]
+    for start in range(0, len(params), 100):                # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start:start + 100])
+    return run_id
 
 
 def train(args):
@@ -264,23 +270,27 @@ def train(args):
     from ray.train.torch import TorchTrainer
 
     from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, train_logging, verbose
-    from pipelines.tracking import tracking_uri, use_store
+    from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
     set_verbose(args.verbose)
     config = resolve_config(args)                           # fails here, before any cluster work
     name = args.name or f"{Path(args.preset).stem}-{config.model.name.replace('/', '')}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
     uri = tracking_uri(args.run_dir)
-    use_store(uri)
+    experiment = use_store(uri)
     params = {**config.flat(), "data": str(Path(args.data).resolve()), "num_workers": args.num_workers,
               "use_gpu": args.use_gpu, "init_from": args.init_from, "storage": str(storage)}
     ray = init_ray(args.address)
     cpus_per_worker = args.cpus_per_worker or (4 if args.use_gpu else fitting_cpus(ray, args.num_workers))
-    with find_or_start_mlflow_run(name, params) as run:
+    mlflow_run = {"experiment_id": experiment.experiment_id, "name": name, "params": params,
+                  "parent_run_id": os.environ.get(PARENT_ENV) or None}
+    run_id = find_or_create_run(mlflow.MlflowClient(uri), **mlflow_run)   # the workers' rank 0 finds this one
+    # nested when a pipeline's parent run is active in this process
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": config.to_dict(), "data": str(Path(args.data).resolve()),
-                               "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run_id": run.info.run_id,
+                               "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run": mlflow_run,
                                "kill": os.environ.get(KILL_ENV), "cpus_per_worker": cpus_per_worker, "name": name,
                                "verbose": verbose()},
             scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,

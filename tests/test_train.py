@@ -338,21 +338,32 @@ def test_mlflow_has_one_run_per_training_with_continuous_metrics_and_images(ray_
 
 
 def test_a_training_run_records_the_code_of_every_start(tmp_path, monkeypatch):
-    """Which code produced a run's curves: the version at its start, and each other version that resumed it."""
-    import mlflow
+    """Which code produced a run's curves: the version at its start, and each other version that resumed it.
+    Each start finds the same run (RUNNING again, its parameters logged once); a new name is a new child run."""
+    from mlflow.tracking import MlflowClient
 
     import sddit
     from pipelines.tracking import tracking_uri, use_store
-    from pipelines.train import CODE_VERSION_TAG, find_or_start_mlflow_run
+    from pipelines.train import CODE_VERSION_TAG, find_or_create_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(tmp_path))    # restored afterwards: mlflow exports it
-    use_store(tracking_uri(tmp_path))
+    experiment_id = use_store(tracking_uri(tmp_path)).experiment_id
+    client = MlflowClient(tracking_uri(tmp_path))
+    parent = client.create_run(experiment_id).info.run_id
+    params = {f"field_{i}": i for i in range(150)}                         # more than one batch of params
+    run_ids = []
     for version in ("0.1+gaaaaaaa", "0.1+gaaaaaaa", "0.1+gbbbbbbb"):
         monkeypatch.setattr(sddit, "code_version", lambda version=version: version)
-        with find_or_start_mlflow_run("probe", {"optim.lr": 1e-3}) as run:
-            run_id = run.info.run_id
-    runs = mlflow.search_runs(filter_string="tags.`sddit.train_name` = 'probe'", output_format="list")
-    assert [r.info.run_id for r in runs] == [run_id]
-    assert mlflow.get_run(run_id).data.tags[CODE_VERSION_TAG] == "0.1+gaaaaaaa, 0.1+gbbbbbbb"
+        run_ids.append(find_or_create_run(client, experiment_id, "probe", params, parent_run_id=parent))
+        client.set_terminated(run_ids[-1])
+    assert len(set(run_ids)) == 1
+    run = client.get_run(run_ids[0])
+    assert run.data.tags[CODE_VERSION_TAG] == "0.1+gaaaaaaa, 0.1+gbbbbbbb"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["sddit.stage"] == "train"
+    assert run.info.run_name == "train probe" and run.data.params == {key: str(v) for key, v in params.items()}
+    find_or_create_run(client, experiment_id, "probe", params)
+    assert client.get_run(run_ids[0]).info.status == "RUNNING"
+    other = find_or_create_run(client, experiment_id, "other", {"optim.lr": 1e-3})
+    assert other != run_ids[0] and "mlflow.parentRunId" not in client.get_run(other).data.tags
 
 
 def test_demo_curve_bench_scores_the_untrained_model_then_every_interval(dataset, preset, tmp_path):

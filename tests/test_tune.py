@@ -87,10 +87,34 @@ def test_mlflow_has_the_sweep_run_with_trial_children_and_the_plot(sweep):
     assert len(children) == 3                                 # the invalid trial never started training
     for child in children:
         assert "searched.optim.lr" in child.data.params
+        assert child.info.status == "FINISHED"                # completed or stopped by ASHA: ended by the driver
         assert client.get_metric_history(child.info.run_id, "proxy_fid_domain")
     artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
     assert {"best.yaml", "trials.json", "proxy_vs_params.png"} <= artifacts
     assert sweep_run.data.metrics["trials_errored"] == 1
+
+
+def test_the_driver_ends_a_trial_run_by_how_the_trial_ended(tmp_path):
+    """Trial runs are created by the trial's rank 0 and ended by the driver's callback: an errored trial's run is
+    FAILED, a finished one's FINISHED, another trial's run untouched; a trial with no run yet is no error."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri, use_store
+    from pipelines.train import find_or_create_run
+    from tuning.sweep import trial_runs_callback
+    uri = tracking_uri(tmp_path)
+    experiment_id = use_store(uri).experiment_id
+    client = MlflowClient(uri)
+    context = {"sweep_name": "probe", "mlflow_uri": uri, "experiment_id": experiment_id}
+    run_ids = {trial_id: find_or_create_run(client, experiment_id, f"probe-{trial_id}", {"optim.lr": 1e-3})
+               for trial_id in ("a_00000", "a_00001", "a_00002")}
+    callback = trial_runs_callback(context)
+    callback.on_trial_error(0, [], SimpleNamespace(trial_id="a_00000", config={}))
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="a_00001", config={}))
+    callback.on_trial_error(0, [], SimpleNamespace(trial_id="never_started", config={}))
+    assert [client.get_run(run_ids[t]).info.status for t in sorted(run_ids)] == ["FAILED", "FINISHED", "RUNNING"]
 
 
 @pytest.mark.parametrize("flag", ["--budget-steps", "--proxy-samples", "--proxy-heun-steps", "--num-samples"])

@@ -123,36 +123,68 @@ def run_trial(trial: dict, context: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.common import train_logging, verbose
-    from pipelines.tracking import use_store
-    from pipelines.train import find_or_start_mlflow_run, train_worker
+    from pipelines.train import train_worker
     run_spec = {}
     if "runs" in context:
         run_spec = context["runs"][trial["run"]]
-        overrides, name, tagged = run_spec["overrides"], run_spec["name"], run_spec["params"]
+        overrides, tagged = run_spec["overrides"], run_spec["params"]
     else:
         tagged = {f"searched.{key}": trial[key] for key in context["space_keys"]}
         overrides = [f"{key[len('searched.'):]}={value}" for key, value in tagged.items()]
-        name = f"{context['sweep_name']}-{tune.get_context().get_trial_id()}"
+    name = trial_name(context, trial, tune.get_context().get_trial_id())
     config = apply_overrides(config_from_dict(context["base_config"]), overrides)
-    use_store(context["mlflow_uri"])
-    with find_or_start_mlflow_run(name, {**config.flat(), **tagged}, parent_run_id=context["sweep_run_id"]) as run:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"config": config.to_dict(), "data": run_spec.get("data", context["data"]),
-                               "init_from": run_spec.get("init_from"), "mlflow_uri": context["mlflow_uri"],
-                               "mlflow_run_id": run.info.run_id, "kill": None,
-                               "cpus_per_worker": context["cpus_per_worker"],
-                               "proxy": run_spec.get("proxy", context["proxy"]),
-                               "name": name, "verbose": verbose()},
-            scaling_config=ScalingConfig(num_workers=context["workers"], use_gpu=context["gpus_per_worker"] > 0,
-                                         resources_per_worker={"CPU": context["cpus_per_worker"],
-                                                               "GPU": context["gpus_per_worker"]}),
-            run_config=RunConfig(name=name, storage_path=context["storage"], callbacks=[TuneReportCallback()],
-                                 logging_config=train_logging(),
-                                 failure_config=FailureConfig(max_failures=0),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        )
-        trainer.fit()
+    # the trial's MLflow run is found or created by its rank-0 worker, which loads MLflow anyway, and ended by
+    # the driver (TrialRuns): loading MLflow here too cost each trial ~1.6 CPU-s before its workers started
+    mlflow_run = {"experiment_id": context["experiment_id"], "name": name, "params": {**config.flat(), **tagged},
+                  "parent_run_id": context["sweep_run_id"]}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "data": run_spec.get("data", context["data"]),
+                           "init_from": run_spec.get("init_from"), "mlflow_uri": context["mlflow_uri"],
+                           "mlflow_run": mlflow_run, "kill": None, "cpus_per_worker": context["cpus_per_worker"],
+                           "proxy": run_spec.get("proxy", context["proxy"]), "name": name, "verbose": verbose()},
+        scaling_config=ScalingConfig(num_workers=context["workers"], use_gpu=context["gpus_per_worker"] > 0,
+                                     resources_per_worker={"CPU": context["cpus_per_worker"],
+                                                           "GPU": context["gpus_per_worker"]}),
+        run_config=RunConfig(name=name, storage_path=context["storage"], callbacks=[TuneReportCallback()],
+                             logging_config=train_logging(),
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+
+
+def trial_name(context: dict, trial_config: dict, trial_id: str) -> str:
+    """The Ray Train run name (and MLflow training name) of a trial: a study's run keeps its own name across
+    invocations; a sweep's trial is named by its Tune trial id."""
+    if "runs" in context:
+        return context["runs"][trial_config["run"]]["name"]
+    return f"{context['sweep_name']}-{trial_id}"
+
+
+def trial_runs_callback(context: dict):
+    """A Tune callback on the driver that ends each trial's MLflow run when the trial ends: FINISHED when it
+    completed (or a scheduler stopped it), FAILED when it errored. A trial killed with the sweep stays RUNNING,
+    as an interrupted training does. (Tune pickles it with the experiment, for --resume: no client inside.)"""
+    from ray import tune
+
+    class TrialRuns(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.end(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.end(trial, "FAILED")
+
+        def end(self, trial, status: str):
+            from mlflow import MlflowClient
+            client = MlflowClient(context["mlflow_uri"])
+            name = trial_name(context, trial.config, trial.trial_id)
+            found = client.search_runs([context["experiment_id"]], f"tags.`sddit.train_name` = '{name}'",
+                                            max_results=1, order_by=["attributes.start_time DESC"])
+            if found:                       # none when the trial failed before its rank 0 got that far
+                client.set_terminated(found[0].info.run_id, status)
+
+    return TrialRuns()
 
 
 def trial_trainable(context: dict):
@@ -238,7 +270,7 @@ def sweep(args) -> dict:
         ray, args.workers_per_trial, args.gpus_per_trial, args.max_concurrent)
 
     uri = tracking_uri(args.run_dir)
-    use_store(uri)
+    experiment = use_store(uri)
     parent = os.environ.get(PARENT_ENV) or None
     existing = mlflow.search_runs(filter_string=f"tags.`sddit.sweep_name` = '{name}'", output_format="list")
     run_ctx = (mlflow.start_run(run_id=existing[0].info.run_id, nested=mlflow.active_run() is not None)
@@ -257,6 +289,7 @@ def sweep(args) -> dict:
         context = {
             "base_config": base.to_dict(), "data": str(Path(args.data).resolve()), "space_keys": list(space),
             "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri,
+            "experiment_id": experiment.experiment_id,
             "storage": str(storage), "workers": args.workers_per_trial, "cpus_per_worker": cpus_per_worker,
             "gpus_per_worker": gpus_per_worker,
             "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
@@ -279,6 +312,7 @@ def sweep(args) -> dict:
                                             search_alg=searcher, scheduler=scheduler,
                                             max_concurrent_trials=limit),
                 run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=tune_verbosity(),
+                                          callbacks=[trial_runs_callback(context)],
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         results = tuner.fit()
