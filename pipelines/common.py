@@ -15,6 +15,8 @@ VERBOSE_ENV = "SDDIT_VERBOSE"
 # which hides all but the first of our progress lines when several trials run (the study, the sweep). Read
 # by Ray when it is first imported, which every entry point does after importing this module.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Set by init_ray when it starts a runtime of its own on this machine (inherited by Ray's workers)
+LOCAL_RUNTIME_ENV = "SDDIT_LOCAL_RUNTIME"
 
 
 def set_verbose(verbose: bool) -> None:
@@ -64,6 +66,7 @@ def init_ray(address: str | None = None, **kwargs):
     import ray
 
     if address is None:
+        os.environ[LOCAL_RUNTIME_ENV] = "1"             # read by torch_trainer() here and in Tune's trial actors
         # A local runtime has no nodes that can be preempted. Ray Train's watcher for that is one more actor
         # process per Train run (each sweep trial pays for it on a small machine) and prints a core-worker
         # ERROR line about its own constructor arguments. Ray Train passes this setting on to its controllers.
@@ -79,6 +82,26 @@ def init_ray(address: str | None = None, **kwargs):
         ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
                  **kwargs)
     return ray
+
+
+def torch_trainer(*args, **kwargs):
+    """A Ray Train TorchTrainer for our training function. Ray Train starts two helper actors for every run
+    that a run here does not use: a `DatasetManager` (even with no `datasets`: our workers read their shards
+    themselves) and, on a local runtime, whose processes all end with the driver, a `PlacementGroupCleaner`
+    that frees a dead controller's CPUs. Each is a process importing Ray Train and Ray Data (~2 CPU-s), which
+    every sweep trial paid for. Ray is pinned to 2.60 (pyproject.toml), whose default callbacks these are."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    local = os.environ.get(LOCAL_RUNTIME_ENV) == "1"
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            unused = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local else ())
+            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, unused)]
+
+    return LeanTorchTrainer(*args, **kwargs)
 
 
 def warn_about_layout(stage: str, manifest, directory) -> None:

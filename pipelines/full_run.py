@@ -125,7 +125,7 @@ def run_stages(args, plan: Plan, ray) -> dict:
                      "--resolution", str(plan.config.data.resolution)] + ([] if plan.flip else ["--no-flip"]) + common)
         summary["stages"]["encode"] = stage_done("encode", start)
 
-    preset, init_from = args.preset, None
+    preset, init_from, parameter_plot = args.preset, None, None
     if "tune" in stages:
         start = stage_started("tune")
         result = sweep.main(["--data", str(plan.dataset), "--preset", args.preset, "--num-samples", str(plan.sweep_samples),
@@ -138,7 +138,9 @@ def run_stages(args, plan: Plan, ray) -> dict:
                                                         "--scheduler", "none", "--proxy-samples", "100",
                                                         "--proxy-heun-steps", str(plan.eval_steps),
                                                         "--proxy-every", str(plan.sweep_budget)])
-                            + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common)
+                            + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common,
+                            wait_for_plot=False)
+        parameter_plot = result["parameter_plot"]           # drawn while the final training starts
         preset, init_from = result["best_config"], result["best_checkpoint"]
         summary["stages"]["tune"] = stage_done("tune", start)
         summary["best_params"] = result["best"]["params"]
@@ -184,6 +186,8 @@ def run_stages(args, plan: Plan, ray) -> dict:
         summary["cfg_scale"], summary["guided_samples"] = plan.cfg_scale, plan.guided_samples
         summary["samples"] = str(write_summary_grid(guided, plan))
         summary["stages"]["evaluate"] = stage_done("evaluate", start)
+    if parameter_plot is not None:
+        parameter_plot.result()
     return summary
 
 

@@ -267,9 +267,8 @@ def find_or_create_run(client, experiment_id: str, name: str, params: dict, pare
 def train(args):
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, train_logging, verbose
+    from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, torch_trainer, train_logging, verbose
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
     set_verbose(args.verbose)
@@ -287,7 +286,7 @@ def train(args):
     run_id = find_or_create_run(mlflow.MlflowClient(uri), **mlflow_run)   # the workers' rank 0 finds this one
     # nested when a pipeline's parent run is active in this process
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
-        trainer = TorchTrainer(
+        trainer = torch_trainer(
             train_worker,
             train_loop_config={"config": config.to_dict(), "data": str(Path(args.data).resolve()),
                                "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run": mlflow_run,

@@ -397,3 +397,22 @@ def test_cross_judge_bench_scores_one_draw_of_samples_under_each_judge(dataset, 
     # one draw of samples: the same judge twice gives the same FID, and the record says which network judged
     assert record["fid[a]"] == record["fid[b]"] > 0
     assert record["judge[a]"]["sha256"] == record["judge[b]"]["sha256"] and len(record["judge[a]"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_training_run_starts_no_dataset_manager_and_locally_no_placement_group_cleaner(monkeypatch, local):
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipelines.common import LOCAL_RUNTIME_ENV, torch_trainer
+    if local:
+        monkeypatch.setenv(LOCAL_RUNTIME_ENV, "1")
+    else:
+        monkeypatch.delenv(LOCAL_RUNTIME_ENV, raising=False)
+    trainer = torch_trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    kinds = {type(callback) for callback in trainer._create_default_callbacks()}
+    assert DatasetsCallback not in kinds                    # our workers read their shards themselves
+    assert (PlacementGroupCleanerCallback in kinds) == (not local)
+    assert BackendSetupCallback in kinds                    # the rest of Ray Train's set-up is kept

@@ -119,10 +119,9 @@ def run_trial(trial: dict, context: dict) -> None:
     initial weights and its evaluation, as a study's resolution-transfer stages do)."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.common import train_logging, verbose
+    from pipelines.common import torch_trainer, train_logging, verbose
     from pipelines.train import train_worker
     run_spec = {}
     if "runs" in context:
@@ -137,7 +136,7 @@ def run_trial(trial: dict, context: dict) -> None:
     # the driver (TrialRuns): loading MLflow here too cost each trial ~1.6 CPU-s before its workers started
     mlflow_run = {"experiment_id": context["experiment_id"], "name": name, "params": {**config.flat(), **tagged},
                   "parent_run_id": context["sweep_run_id"]}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "data": run_spec.get("data", context["data"]),
                            "init_from": run_spec.get("init_from"), "mlflow_uri": context["mlflow_uri"],
@@ -350,12 +349,14 @@ def summarise(results, space: dict, preset, metric: str, args, name: str) -> dic
     (out / "trials.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "best.json").write_text(json.dumps({"config": str(out / "best.yaml"), "checkpoint": best["checkpoint"],
                                                metric: best[metric], "params": best["params"]}, indent=2))
-    plot_path = plot_parameters(finished, list(space), metric, out / "proxy_vs_params.png")
+    # the plot (~2 s, most of it importing matplotlib) is drawn and logged beside what follows the sweep
+    summary["parameter_plot"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot").submit(
+        log_parameter_plot, finished, list(space), metric, out / "proxy_vs_params.png",
+        mlflow.active_run().info.run_id)
     mlflow.log_metrics({f"best_{metric}": best[metric], "trials_errored": sum(t["status"] == "error" for t in trials),
                         "trials_stopped_early": sum(t["status"] == "stopped early" for t in trials)})
     mlflow.log_artifact(str(out / "best.yaml"))
     mlflow.log_artifact(str(out / "trials.json"))
-    mlflow.log_artifact(str(plot_path))
     print(f"tune: best {metric} = {best[metric]:.4g} with {best['params']}; preset: {out / 'best.yaml'}", flush=True)
     return summary
 
@@ -372,27 +373,31 @@ def root_cause(error: BaseException) -> str:
     return (lines[-1] if lines else repr(error))[:300]
 
 
-def plot_parameters(trials: list[dict], keys: list[str], metric: str, path: Path) -> Path:
-    """One scatter panel per searched parameter: the proxy metric of each finished trial against it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def log_parameter_plot(trials: list[dict], keys: list[str], metric: str, path: Path, run_id: str) -> Path:
+    """One scatter panel per searched parameter, the proxy metric of each finished trial against it, written
+    to `path` and logged to the sweep's MLflow run. Thread-safe: matplotlib's object API, not pyplot's state."""
+    import mlflow
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    fig = Figure(figsize=(4 * len(keys), 3.2), layout="tight")
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
         ax.scatter([t["params"][key] for t in trials], [t[metric] for t in trials], color="tab:blue")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         if key == "diffusion.teacher_sigma":
             ax.set_xscale("log")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    mlflow.MlflowClient().log_artifact(run_id, str(path))
     return path
 
 
-def main(argv=None):
-    return sweep(parse_args(argv))
+def main(argv=None, wait_for_plot: bool = True):
+    """The sweep's summary; with wait_for_plot=False its "parameter_plot" may still be drawing (a Future that
+    the caller waits for before it exits, as full_run does while its final training starts)."""
+    summary = sweep(parse_args(argv))
+    if wait_for_plot:
+        summary["parameter_plot"].result()
+    return summary
 
 
 if __name__ == "__main__":
