@@ -43,8 +43,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
 
 
 def save_checkpoint(path: str | Path, *, config: Config, model, generation_ema, optimizer, step: int,
-                    images_seen: int, data_position: dict, rng: dict, dataset: dict) -> Path:
-    """Write atomically (temp file + rename): a reader sees the old checkpoint or the new one, never half."""
+                    images_seen: int, data_position: dict, rng: dict, dataset: dict,
+                    metrics: dict | None = None) -> Path:
+    """Write atomically (temp file + rename): a reader sees the old checkpoint or the new one, never half.
+    `metrics`: those reported with this checkpoint, to report again if a finished run is resumed."""
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_FILE
@@ -53,6 +55,7 @@ def save_checkpoint(path: str | Path, *, config: Config, model, generation_ema, 
         "config": config.to_dict(), "model": model.state_dict(), "generation_ema": generation_ema.state_dict(),
         "optimizer": optimizer.state_dict(), "step": step, "images_seen": images_seen,
         "data_position": data_position, "rng": rng, "dataset": dataset, "code_version": code_version(),
+        "metrics": metrics or {},
     }
     return write_atomically(path, lambda f: torch.save(payload, f))
 

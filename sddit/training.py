@@ -228,7 +228,7 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     def save(directory):
         save_checkpoint(directory, config=config, model=model, generation_ema=ema, optimizer=optimizer, step=step,
                         images_seen=step * config.optim.batch_size, data_position=loader.position(step),
-                        rng=rng_state(), dataset=dataset_info(loader.manifest, data_dir))
+                        rng=rng_state(), dataset=dataset_info(loader.manifest, data_dir), metrics=metrics)
 
     bad_streak = torch.zeros((), dtype=torch.long, device=device)
     worst_streak = torch.zeros_like(bad_streak)
@@ -238,6 +238,11 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     window_start, window_step, bookkeeping = time.perf_counter(), step, 0.0
     step_seconds = 0.0                                      # in optimiser steps, in this process
     metrics: dict = {}
+    if resume is not None and step >= config.train.steps:
+        # a run resumed from its final checkpoint: whoever waited for it may have died between that checkpoint
+        # and its last report (a sweep killed just as a trial ended), so report the final state again
+        metrics = resume.get("metrics", {})
+        hooks.checkpoint(step, save, metrics)
     while step < config.train.steps:
         # one optimiser step (gradient, AdamW, teacher EMA, centres, generation EMA), all on the device
         x0, labels, features = loader.batch(step)

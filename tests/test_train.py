@@ -86,6 +86,35 @@ def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
     assert final["data_position"]["epoch"] >= 0
 
 
+class RecordCheckpoints(LocalHooks):
+    def __init__(self, run_dir):
+        super().__init__(run_dir, verbose=False)
+        self.logged, self.reported = [], []
+
+    def log(self, step, metrics, checkpoint_follows=False):
+        self.logged.append(step)
+
+    def checkpoint(self, step, save, metrics):
+        super().checkpoint(step, save, metrics)
+        self.reported.append((step, metrics))
+
+
+def test_a_finished_run_resumed_from_its_final_checkpoint_reports_its_final_metrics_again(dataset, preset, tmp_path):
+    """A sweep killed between a trial's final checkpoint and Tune's record of it reruns the trial from that
+    checkpoint: with no step left to run, the run must still report the metrics the sweep ranks by."""
+    config = load_preset(preset)
+    first = RecordCheckpoints(tmp_path)
+    train_loop(copy.deepcopy(config), dataset, hooks=first)
+    final_step, final_metrics = first.reported[-1]
+    assert final_step == config.train.steps and "loss" in final_metrics
+
+    again = RecordCheckpoints(tmp_path)
+    returned = train_loop(copy.deepcopy(config), dataset, hooks=again, resume=load_checkpoint(first.latest()))
+    assert again.logged == []                                       # no step was trained again
+    assert again.reported == [(config.train.steps, final_metrics)] and returned == final_metrics
+    assert load_checkpoint(again.latest())["metrics"] == final_metrics
+
+
 class RecordMetrics(LocalHooks):
     def __init__(self, run_dir):
         super().__init__(run_dir, verbose=False)

@@ -152,6 +152,37 @@ def test_best_checkpoint_is_from_the_step_its_metric_was_measured_at(sweep):
     assert load_checkpoint(best["checkpoint"])["step"] == best["last_step"]
 
 
+def test_a_trial_rerun_after_its_training_finished_still_reports_its_metric(sweep, tmp_path):
+    """A sweep killed between a trial's final checkpoint and Tune's record of it reruns that trial on --resume:
+    its Ray Train run restores the final checkpoint and trains no step, and must still report the metric Tune
+    ranks by (Tune fails a sweep whose trial ends without it). A study's trial names its run, so a second
+    Tuner reruns the same finished training deterministically."""
+    from ray import tune
+
+    from pipelines.tracking import tracking_uri, use_store
+    from sddit.config import load_preset
+    from tuning.sweep import trial_trainable
+    root, data, _ = sweep
+    uri = tracking_uri(tmp_path / "runs")
+    context = {"base_config": load_preset(root / "tiny.yaml").to_dict(), "data": str(data),
+               "runs": {"only": {"overrides": [], "params": {}, "name": "finished"}},
+               "mlflow_uri": uri, "experiment_id": use_store(uri).experiment_id, "sweep_run_id": None,
+               "storage": str(tmp_path / "ray"), "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
+               "proxy": None}
+
+    def trial_result(experiment: str):
+        tuner = tune.Tuner(trial_trainable(context), param_space={"run": "only"},
+                           tune_config=tune.TuneConfig(metric="loss", mode="min"),
+                           run_config=tune.RunConfig(name=experiment, storage_path=str(tmp_path / "tune")))
+        [result] = tuner.fit()
+        return result
+
+    first, again = trial_result("first"), trial_result("again")
+    assert first.error is None and again.error is None
+    assert again.metrics["step"] == first.metrics["step"] == TINY["train"]["steps"]
+    assert again.metrics["loss"] == first.metrics["loss"]
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_continues_its_trials_with_resume(sweep, tmp_path):
     import os
