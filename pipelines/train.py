@@ -168,6 +168,10 @@ class RayHooks:
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
+    def finished(self, step, metrics):
+        import ray.train
+        ray.train.report({**metrics, "step": step})
+
     def _codec(self):
         """The dataset's codec for decoding sample grids; the SD VAE is loaded on first use only."""
         if self.codec is None:

@@ -166,6 +166,12 @@ class LoopHooks:
     def checkpoint(self, step: int, save, metrics: dict) -> None:
         """`save(directory)` writes checkpoint.pt there."""
 
+    def finished(self, step: int, metrics: dict) -> None:
+        """The run was resumed from its final checkpoint and trains no step: `metrics` are that checkpoint's.
+        Whoever waits for the run may have died between that checkpoint and its report (a sweep killed just as
+        a trial ended), so a pipeline reports them again here; nothing is saved, so the checkpoint stays the
+        same file and what was computed from it (an evaluation) stays valid."""
+
 
 class LocalHooks(LoopHooks):
     """Bare-loop outputs: checkpoints under run_dir/checkpoints (the last `keep`), log lines on stdout."""
@@ -239,10 +245,8 @@ def train_loop(config: Config, data_dir, *, device="cpu", rank: int = 0, world_s
     step_seconds = 0.0                                      # in optimiser steps, in this process
     metrics: dict = {}
     if resume is not None and step >= config.train.steps:
-        # a run resumed from its final checkpoint: whoever waited for it may have died between that checkpoint
-        # and its last report (a sweep killed just as a trial ended), so report the final state again
         metrics = resume.get("metrics", {})
-        hooks.checkpoint(step, save, metrics)
+        hooks.finished(step, metrics)
     while step < config.train.steps:
         # one optimiser step (gradient, AdamW, teacher EMA, centres, generation EMA), all on the device
         x0, labels, features = loader.batch(step)

@@ -86,33 +86,39 @@ def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
     assert final["data_position"]["epoch"] >= 0
 
 
-class RecordCheckpoints(LocalHooks):
+class RecordReports(LocalHooks):
     def __init__(self, run_dir):
         super().__init__(run_dir, verbose=False)
-        self.logged, self.reported = [], []
+        self.logged, self.checkpointed, self.finished_with = [], [], []
 
     def log(self, step, metrics, checkpoint_follows=False):
         self.logged.append(step)
 
     def checkpoint(self, step, save, metrics):
         super().checkpoint(step, save, metrics)
-        self.reported.append((step, metrics))
+        self.checkpointed.append((step, metrics))
+
+    def finished(self, step, metrics):
+        self.finished_with.append((step, metrics))
 
 
 def test_a_finished_run_resumed_from_its_final_checkpoint_reports_its_final_metrics_again(dataset, preset, tmp_path):
     """A sweep killed between a trial's final checkpoint and Tune's record of it reruns the trial from that
-    checkpoint: with no step left to run, the run must still report the metrics the sweep ranks by."""
+    checkpoint: with no step left to run, the run must still report the metrics the sweep ranks by, and must
+    not write a new checkpoint (a pipeline's evaluation of the old one would no longer count)."""
     config = load_preset(preset)
-    first = RecordCheckpoints(tmp_path)
+    first = RecordReports(tmp_path)
     train_loop(copy.deepcopy(config), dataset, hooks=first)
-    final_step, final_metrics = first.reported[-1]
-    assert final_step == config.train.steps and "loss" in final_metrics
+    final_step, final_metrics = first.checkpointed[-1]
+    assert final_step == config.train.steps and "loss" in final_metrics and first.finished_with == []
+    final = first.latest()
+    written = (final / "checkpoint.pt").stat().st_mtime_ns
 
-    again = RecordCheckpoints(tmp_path)
-    returned = train_loop(copy.deepcopy(config), dataset, hooks=again, resume=load_checkpoint(first.latest()))
-    assert again.logged == []                                       # no step was trained again
-    assert again.reported == [(config.train.steps, final_metrics)] and returned == final_metrics
-    assert load_checkpoint(again.latest())["metrics"] == final_metrics
+    again = RecordReports(tmp_path)
+    returned = train_loop(copy.deepcopy(config), dataset, hooks=again, resume=load_checkpoint(final))
+    assert again.logged == [] and again.checkpointed == []          # no step trained, nothing saved
+    assert again.finished_with == [(config.train.steps, final_metrics)] and returned == final_metrics
+    assert again.latest() == final and (final / "checkpoint.pt").stat().st_mtime_ns == written
 
 
 class RecordMetrics(LocalHooks):
