@@ -39,7 +39,7 @@ $(CHROMIUM):
 	  { echo "make: apt-get could not install chromium; install it, or run make test CHROMIUM=/path/to/chromium"; exit 1; }
 	@test -x $(CHROMIUM) || { echo "make: $(CHROMIUM) is still missing after apt; run make test CHROMIUM=/path/to/chromium"; exit 1; }
 
-# the default suite (about 9 minutes on 2 cores): every test but those marked slow, the demo pipeline
+# the default suite (about 10 minutes on 2 cores): every test but those marked slow, the demo pipeline
 # end to end and its MLflow UI in Chromium included
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow"
