@@ -68,6 +68,12 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     "SD-DiT-tsigma-student": ("SD-DiT", ["diffusion.teacher_sigma_dist=student"]),
     # DINO / iBOT's usual temperatures against the paper's (student 0.1, teacher 0.09 -> 0.099)
     "SD-DiT-dino-temps": ("SD-DiT", ["disc.teacher_temp_start=0.04", "disc.teacher_temp_end=0.07"]),
+    # how the CLS passes the adaLN-Zero gates (model.cls_gate) and whether the teacher sees the label, set
+    # explicitly so each arm means the same whatever the base preset chooses
+    "SD-DiT-zero-cls": ("SD-DiT", ["model.cls_gate=zero"]),
+    "SD-DiT-open-cls": ("SD-DiT", ["model.cls_gate=open"]),
+    "SD-DiT-teacher-label": ("SD-DiT", ["disc.teacher_label=true"]),
+    "SD-DiT-teacher-null-label": ("SD-DiT", ["disc.teacher_label=false"]),
     # one of the two discriminative terms at a time (the paper only removes both together)
     "SD-DiT-no-cls": ("SD-DiT", ["disc.cls_weight=0"]),
     "SD-DiT-no-patch": ("SD-DiT", ["disc.patch_weight=0"]),
@@ -94,6 +100,8 @@ STUDIES = {
     "temperatures": ["SD-DiT", "SD-DiT-dino-temps"],
     "disc-terms": ["SD-DiT", "SD-DiT-no-cls", "SD-DiT-no-patch", "SD-DiT-no-disc"],
     "repa": ["DiT", "DiT-REPA", "SD-DiT", "SD-DiT-REPA"],
+    "cls-signal": ["DiT", "MaskDiT", "SD-DiT", "SD-DiT-teacher-null-label", "SD-DiT-no-cls", "SD-DiT-no-disc",
+                   "SD-DiT-zero-cls"],
     "mask-blocks": ["MaskDiT", "MaskDiT-block2", "MaskDiT-block4", "SD-DiT", "SD-DiT-block2", "SD-DiT-block4"],
     "maskdm": ["DiT", "MaskDM", "MaskDM-block2", "MaskDM-crop"],
     "transfer": ["DiT", "DiT-transfer", "SD-DiT", "SD-DiT-transfer"],
@@ -105,6 +113,8 @@ PAPER = {
     "paper-fig5": "best FID at mask ratio 0.2",
     "paper-fig6": "FID 53.7 at teacher sigma 0.002, 66.2 near the student distribution's mode, 63.4 drawn from it",
     "temperatures": "the paper uses student 0.1, teacher 0.09 -> 0.099 (Tab. 4); DINO/iBOT use teacher 0.04 -> 0.07",
+    "cls-signal": "SD-DiT-S/2 53.72 against DiT-S/2 68.40 (Fig. 3, Tab. 3); the paper does not say how its CLS "
+                  "passes the adaLN-Zero gates or which label its teacher sees",
     "disc-terms": "not in the paper, which removes the CLS and patch terms only together (Tab. 3: 53.72 -> 62.84)",
     "repa": "REPA (Yu et al. 2025): SiT-XL/2 with REPA reaches the FID of SiT-XL/2 at 7M steps in under 400k "
             "(17.5x fewer); REPA has not been combined with SD-DiT in the literature",
@@ -117,7 +127,7 @@ PAPER = {
 }
 METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
 LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "loss_repa", "target_entropy_cls", "target_entropy_patch",
-          "agreement_cls", "agreement_patch")
+          "agreement_cls", "agreement_patch", "teacher_cls_token_std", "teacher_cls_logit_std")
 
 
 def arm_overrides(arm: str, base_name: str, custom: dict | None = None) -> list[str]:
@@ -443,7 +453,16 @@ def fmt(stat: tuple | None, digits: int = 2) -> str:
     return "n/a" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
 
 
-def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> None:
+def arms_without_cls_signal(rows: list[dict], arms: list[str], num_prototypes: int) -> list[str]:
+    """The arms with a CLS term whose every recorded CLS target entropy (every seed, every point) is ln K."""
+    from sddit.diagnostics import cls_carries_no_signal
+    return [arm for arm in arms if cls_carries_no_signal(
+        [r["target_entropy_cls"] for r in rows if r["arm"] == arm and r["target_entropy_cls"] != ""], num_prototypes)]
+
+
+def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_cls: list[str] = ()) -> None:
+    """`flat_cls`: arms flagged by arms_without_cls_signal."""
+    from sddit.diagnostics import NO_SIGNAL_TOLERANCE
     arms, suffix = plan["arms"], plan["extractor"]
     lines = [f"# Study `{plan['name']}`", "",
              f"Arms: {', '.join(arms)}; seeds 0..{args.seeds - 1}; {plan['images']} images per run "
@@ -481,17 +500,23 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict) -> No
     final = {arm: agg[arm][max(agg[arm])] for arm in arms if agg[arm]}
     lines += ["", f"## At the last point ({max(points) if points else 0} images)", "",
               "| arm | seeds | FID | sFID | precision | recall | class agreement | loss_gen | loss_cls (ln K = "
-              f"{math.log(plan['base'].model.head_out_size):.3f}) | target entropy CLS | loss_patch | "
-              "target entropy patch | agreement CLS | loss_repa (-cos) | img/s | train s |",
-              "| --- |" + " --- |" * 15]
+              f"{math.log(plan['base'].model.head_out_size):.3f}) | target entropy CLS | teacher CLS token std | "
+              "teacher CLS logit std | loss_patch | target entropy patch | agreement CLS | loss_repa (-cos) | img/s | "
+              "train s |",
+              "| --- |" + " --- |" * 17]
     for arm, stats in final.items():
         cells = [str(stats.get("fid", (0, 0, 0))[2])] + [
             fmt(stats.get(c), d) for c, d in (("fid", 2), ("sfid", 2), ("precision", 3), ("recall", 3),
                                               ("class_agreement", 3), ("loss_gen", 4), ("loss_cls", 4),
-                                              ("target_entropy_cls", 4), ("loss_patch", 4),
+                                              ("target_entropy_cls", 4), ("teacher_cls_token_std", 4),
+                                              ("teacher_cls_logit_std", 4), ("loss_patch", 4),
                                               ("target_entropy_patch", 4), ("agreement_cls", 3), ("loss_repa", 3),
                                               ("images_per_s", 0), ("train_seconds", 0))]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if flat_cls:
+        lines += ["", f"**CLS term carries no signal** in {', '.join(flat_cls)}: every recorded CLS target entropy "
+                      f"(each seed, each evaluation point) lies within {NO_SIGNAL_TOLERANCE} of ln K, so the teacher's "
+                      f"CLS targets were uniform and that term trained nothing image-specific."]
     lines += ["", "## Differences at the last point", "",
               "A difference *exceeds the seed spread* when |mean a - mean b| > 2 sqrt(s_a^2/n_a + s_b^2/n_b) "
               "(twice the standard error of the difference; s over seeds). Lower FID is better.", ""]
@@ -544,7 +569,8 @@ def report(args, plan: dict, client, done: dict, parent_run_id: str, outcomes: d
             rows += collect_rows(client, run_id, plan["runs"][label], plan)
     write_csv(out / "results.csv", rows)
     agg = aggregate(rows, plan["arms"])
-    write_summary(out / "summary.md", plan, args, agg, outcomes)
+    write_summary(out / "summary.md", plan, args, agg, outcomes,
+                  arms_without_cls_signal(rows, plan["arms"], plan["base"].model.head_out_size))
     plots = [plot(agg, plan["arms"], "images", out / "fid_vs_images.png", "images seen", plan["extractor"]),
              plot(agg, plan["arms"], "seconds", out / "fid_vs_wallclock.png", "training wall clock (s, per run)",
                   plan["extractor"])]

@@ -88,6 +88,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise CheckpointError(f"{path}: not an sddit checkpoint (missing {', '.join(missing)})")
+    # written before model.cls_gate existed: its CLS was gated like the patch tokens
+    model = payload["config"].get("model") if isinstance(payload["config"], dict) else None
+    if isinstance(model, dict):
+        model.setdefault("cls_gate", "zero")
     payload["config"] = config_from_dict(payload["config"])
     return payload
 

@@ -51,6 +51,10 @@ class DiscriminationConfig:
     patch_weight: float = 1.0
     cls_centre_momentum: float = 0.9
     patch_centre_momentum: float = 0.9
+    # whether the teacher sees the class label (the paper's teacher is the EMA of the conditional encoder; it
+    # does not say which label it gets). false: the null class, so the teacher's targets come from the image
+    # alone and the student cannot match them from the label it is also given
+    teacher_label: bool = True
 
     def validate(self):
         for name in ("student_temp", "teacher_temp_start", "teacher_temp_end"):
@@ -81,6 +85,9 @@ class EMAConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    # linear warm-up: step s (from 0) trains at lr * (s + 1) / warmup_steps until it reaches lr; 0: none (DiT's
+    # and the paper's recipe say nothing of one; DINO warms up its lr over 10 epochs)
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int = 256                  # global, across all workers
@@ -89,6 +96,7 @@ class OptimConfig:
 
     def validate(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (0: none), got {self.warmup_steps}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"must be two values in [0, 1), got {self.betas}")

@@ -14,6 +14,7 @@ written atomically to samples/batch-NNNNN.npz and a rerun only draws the batches
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -298,6 +299,19 @@ def dataset_images(directory: str | Path, codec, *, rows=None, batch_size: int =
         start += count
 
 
+def hashed_subset(directory: Path, manifest: Manifest, candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A boolean mask of `count` of the `candidates` rows: those whose (seed, image id, flip) hashes lowest, so the
+    same images are chosen however the shards order them."""
+    ids = np.concatenate([read_shard(directory / s["file"], ["image_id"]).column("image_id")
+                          .to_numpy(zero_copy_only=False) for s in manifest.shards])
+    flipped = _flipped_mask(directory, manifest)
+    rows = np.flatnonzero(candidates)
+    keys = {row: hashlib.sha256(f"{seed}|{ids[row]}|{int(flipped[row])}".encode()).digest() for row in rows}
+    chosen = np.zeros(len(candidates), dtype=bool)
+    chosen[sorted(rows, key=keys.__getitem__)[:count]] = True
+    return chosen
+
+
 def _flipped_mask(directory: Path, manifest: Manifest) -> np.ndarray:
     return np.concatenate([read_shard(directory / s["file"], ["flipped"]).column("flipped")
                            .to_numpy(zero_copy_only=False) for s in manifest.shards]).astype(bool)
@@ -322,8 +336,7 @@ def make_extractor(name: str, *, dataset_dir: str | Path | None = None, codec=No
         def load_rows():
             rows = None
             if manifest.num_rows > DOMAIN_MAX_ROWS:
-                rows = np.zeros(manifest.num_rows, dtype=bool)
-                rows[np.random.default_rng(seed).choice(manifest.num_rows, DOMAIN_MAX_ROWS, replace=False)] = True
+                rows = hashed_subset(directory, manifest, np.ones(manifest.num_rows, dtype=bool), DOMAIN_MAX_ROWS, seed)
             parts = list(dataset_images(directory, codec or dataset_codec(directory, device), rows=rows))
             return (np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                     np.concatenate([p[3] for p in parts]))
@@ -417,9 +430,7 @@ def reference_from_dataset(directory: str | Path, extractor, *, codec=None, devi
         unflipped = ~_flipped_mask(directory, manifest)
         if unflipped.sum() < 2:
             raise EvaluationError(f"{directory}: {unflipped.sum()} unflipped rows; need >= 2 for reference statistics")
-        chosen = np.zeros(len(unflipped), dtype=bool)
-        chosen[np.random.default_rng(seed).choice(np.flatnonzero(unflipped), min(pr_size, unflipped.sum()),
-                                                  replace=False)] = True
+        chosen = hashed_subset(directory, manifest, unflipped, pr_size, seed)
         accumulator = _Accumulator()
         for rows, images, *_ in dataset_images(directory, codec or dataset_codec(directory, device), rows=unflipped):
             accumulator.add(extractor.extract(images), keep=chosen[rows])

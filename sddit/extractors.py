@@ -36,7 +36,7 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"       # torch.hub convention: the hex in 
 WEIGHTS_ENV = "SDDIT_INCEPTION_WEIGHTS"
 INCEPTION_SIZE = 299
 DOMAIN_CACHE_FILE = "domain_classifier.pt"
-DOMAIN_CACHE_FORMAT = 2          # 2: the network is split in low / high stages for sFID features
+DOMAIN_CACHE_FORMAT = 3          # 2: low / high stages for sFID features; 3: rows in content order
 
 
 class ExtractorError(RuntimeError):
@@ -301,6 +301,14 @@ class DomainNet(nn.Module):
         return features, self.classifier(features), spatial
 
 
+def content_order(images, labels, groups) -> np.ndarray:
+    """The permutation that sorts rows by a hash of (pixels, label, group): the same rows in any order come out
+    in one order, so a judge trained on them is the same network."""
+    keys = [hashlib.sha256(np.ascontiguousarray(image).tobytes() + f"|{label}|{group}".encode()).digest()
+            for image, label, group in zip(np.asarray(images), np.asarray(labels), np.asarray(groups))]
+    return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+
+
 class DomainExtractor:
     """Penultimate features, logits, the predicted class and sFID features of a `DomainNet`."""
 
@@ -318,7 +326,9 @@ class DomainExtractor:
             held_out: float = 0.2, device="cpu") -> DomainExtractor:
         """Train on uint8 NHWC images; `groups` (e.g. the source image id) keeps an image and its flipped copy
         on the same side of the held-out split, so the recorded accuracy is on unseen images."""
-        labels = np.asarray(labels, dtype=np.int64)
+        # a function of the image set alone: rows in the order of their contents, whatever order the shards held
+        images, labels, groups = (np.asarray(a)[content_order(images, labels, groups)] for a in (images, labels, groups))
+        labels = labels.astype(np.int64)
         if num_classes < 2:
             raise ExtractorError(f"the domain classifier needs a labelled dataset with >= 2 classes, "
                                  f"got {num_classes}")

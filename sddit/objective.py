@@ -23,7 +23,8 @@ from sddit.schedules import ema_update
 class LossOutput:
     loss: torch.Tensor                      # scalar to backpropagate
     parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch,
-                                            # target_entropy_{cls,patch}, agreement_{cls,patch}
+                                            # target_entropy_{cls,patch}, agreement_{cls,patch},
+                                            # teacher_cls_{token,logit}_std
     teacher_cls: torch.Tensor | None = None    # detached teacher logits, for the centre update after the step
     teacher_patch: torch.Tensor | None = None
 
@@ -69,6 +70,11 @@ def repa_loss(aligned, features, ids_keep=None):
     the external feature of the clean image at the same position [N, L, D]."""
     target = features if ids_keep is None else gather_tokens(features, ids_keep)
     return -(F.normalize(aligned.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def between_image_std(x):                                  # x: [N, D]
+    """Standard deviation over the batch's images, averaged over channels: 0 when every image gets the same vector."""
+    return x.float().std(dim=0).mean()
 
 
 def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: DiscriminationConfig,
@@ -128,8 +134,12 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
             else:
                 t_sigma = torch.full((n_batch, 1, 1, 1), diffusion.teacher_sigma, device=device)
             _, _, c_in, c_noise = edm_coefficients(t_sigma, cfg.sigma_data)
-            t_logits = net.teacher(c_in * (x0 + t_sigma * n), c_noise.flatten(), labels)  # [N, 1 + L, K]
-            teacher_cls, teacher_patch = t_logits[:, 0], t_logits[:, 1:]
+            t_labels = labels if disc.teacher_label or labels is None else torch.full_like(labels, cfg.num_classes)
+            t_tokens, t_logits = net.teacher(c_in * (x0 + t_sigma * n), c_noise.flatten(), t_labels)
+            teacher_cls, teacher_patch = t_logits[:, 0], t_logits[:, 1:]              # [N, K], [N, L, K]
+            # whether the CLS term can carry a signal: how much the teacher's CLS varies between the batch's images
+            parts["teacher_cls_token_std"] = between_image_std(t_tokens[:, 0])
+            parts["teacher_cls_logit_std"] = between_image_std(teacher_cls)
             if ids_keep is not None:
                 teacher_patch = gather_tokens(teacher_patch, ids_keep)
         terms = net.disc(out.logits[:, 0], out.logits[:, 1:], teacher_cls, teacher_patch,

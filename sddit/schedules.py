@@ -27,6 +27,8 @@ class Schedules:
 
     def __init__(self, config: Config):
         steps = config.train.steps
+        warmup = config.optim.warmup_steps
+        self.lr = config.optim.lr * np.minimum((np.arange(steps) + 1) / max(warmup, 1), 1.0)
         self.teacher_temp = warmup_schedule(config.disc.teacher_temp_start, config.disc.teacher_temp_end,
                                             config.disc.teacher_temp_warmup_steps, steps)
         self.teacher_momentum = cosine_schedule(config.ema.teacher_momentum_start,

@@ -73,9 +73,11 @@ def train_step(model, optimizer, generation_ema, x0, labels, *, step: int, confi
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     applied = torch.isfinite(out.loss) & torch.isfinite(grad_norm)
 
-    # update parameters (fused AdamW leaves everything untouched where found_inf = 1), then
+    # update parameters at this step's lr (fused AdamW leaves everything untouched where found_inf = 1), then
     # teacher EMA, centres and generation EMA, gated the same way
     optimizer.found_inf = (~applied).to(torch.float32)
+    for group in optimizer.param_groups:
+        group["lr"] = float(schedules.lr[step])
     optimizer.step()
     after_step(model, generation_ema, out, teacher_momentum=float(schedules.teacher_momentum[step]),
                cls_centre_momentum=config.disc.cls_centre_momentum,

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from sddit.checkpoint import rng_state, save_checkpoint
+from sddit.data import Manifest, read_shard
 from sddit.evaluation import (EvaluationError, SamplingPlan, batch_path, load_reference, make_extractor,
                               reference_from_dataset, reference_from_npz)
 from sddit.extractors import InceptionExtractor
@@ -414,3 +415,40 @@ def test_domain_sfid_features_are_the_second_stage_channels_in_hwc_order(pixel_d
     assert spatial.shape == (3, 4 * 4 * channels)
     # column (h * 4 + w) * channels + c holds channel c at (h, w), as ADM lays out Inception's mixed_6/conv
     np.testing.assert_allclose(spatial[:, (1 * 4 + 2) * channels + 3], low[:, 3, 1, 2].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- the judge is a function of the image set alone -------------------------------------------------------------
+
+def test_a_domain_judge_trained_on_the_same_rows_in_another_order_is_the_same_network():
+    from sddit.extractors import DomainExtractor
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    images = rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8)
+    images[..., 0] = (labels * 100)[:, None, None].astype(np.uint8)     # learnable classes
+    groups = np.array([f"img{i // 2}" for i in range(60)])             # pairs, as an image and its flip
+    first = DomainExtractor.fit(images, labels, groups, num_classes=3)
+    order = rng.permutation(60)
+    second = DomainExtractor.fit(images[order], labels[order], groups[order], num_classes=3)
+    assert second.weights_checksum == first.weights_checksum and second.accuracy == first.accuracy
+    other = DomainExtractor.fit(images[1:], labels[1:], groups[1:], num_classes=3)
+    assert other.weights_checksum != first.weights_checksum           # the checksum does tell image sets apart
+
+
+def test_two_encodings_of_the_same_images_give_the_same_judge_and_reference(image_tree, tmp_path):
+    from tests.fixtures import encode_pixels
+    first = encode_pixels(image_tree[0], tmp_path / "first", 8, "--rows-per-shard", "7")
+    second = tmp_path / "second"                            # the same shards, listed in the reverse order
+    shutil.copytree(first, second)
+    manifest = json.loads((second / "manifest.json").read_text())
+    manifest["shards"].reverse()
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    datasets = [first, second]
+    orders = [np.concatenate([read_shard(d / s["file"], ["image_id"]).column("image_id").to_numpy(zero_copy_only=False)
+                              for s in Manifest.read(d).shards]) for d in datasets]
+    assert sorted(orders[0]) == sorted(orders[1]) and list(orders[0]) != list(orders[1])
+    judges = [make_extractor("domain", dataset_dir=d) for d in datasets]
+    assert judges[0].weights_checksum == judges[1].weights_checksum
+    references = [reference_from_dataset(d, judge, pr_size=10) for d, judge in zip(datasets, judges)]
+    np.testing.assert_allclose(references[0].mu, references[1].mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.sort(references[0].features, axis=0), np.sort(references[1].features, axis=0),
+                               rtol=1e-5, atol=1e-5)

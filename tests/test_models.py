@@ -122,6 +122,7 @@ def test_unconditional_model_has_no_label_table():
     ("SD-DiT-S/2", {"num_heads": 5}, "model.num_heads"),
     ("SD-DiT-S/2", {"input_size": 31}, "model.input_size"),
     ("SD-DiT-S/2", {"cls_token": False}, "model.cls_token"),
+    ("SD-DiT-S/2", {"cls_gate": "half"}, "model.cls_gate"),
     ("SD-DiT-S/2", {"no_such_field": 1}, "model.no_such_field"),
 ])
 def test_bad_model_config_names_the_field(name, kwargs, field):
@@ -196,3 +197,38 @@ def test_crop_masks_keep_one_window_filled_row_by_row(grid, ratio):
 def test_crop_and_block_masks_exclude_each_other():
     with pytest.raises(ConfigError, match="model.mask_crop"):
         tiny_config("MaskDiT-S/2", mask_ratio=0.5, mask_block_size=2, mask_crop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLS token's gate
+# ---------------------------------------------------------------------------------------------
+
+def encoder_cls_at_init(cls_gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLS tokens [N, D], patch tokens [N, L, D]) out of a freshly initialised SD-DiT encoder for 6 images."""
+    torch.manual_seed(0)
+    model = build("SD-DiT-S/2", input_size=8, in_channels=2, num_classes=5, hidden_size=32, depth=2, num_heads=2,
+                  decoder_depth=1, decoder_hidden_size=16, decoder_num_heads=2, head_hidden_size=32,
+                  head_bottleneck_size=16, head_out_size=64, cls_gate=cls_gate)
+    encoder = model.denoiser.net.encoder
+    x = torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    tokens = encoder(x, torch.zeros(6), torch.arange(6) % 5)[0]
+    return tokens[:, 0], tokens[:, 1:], encoder
+
+
+def test_an_open_cls_differs_between_images_at_init_and_a_zero_gated_one_does_not():
+    cls, patches, encoder = encoder_cls_at_init("zero")
+    # adaLN-Zero: every block is the identity at init, so the CLS comes out as the learned token for every image
+    assert torch.equal(cls, encoder.cls_token[0].expand_as(cls))
+    cls_open, patches_open, _ = encoder_cls_at_init("open")
+    assert cls_open.std(dim=0).mean() > 0.1
+    # the patch tokens keep adaLN-Zero either way (and the open CLS does not reach them at init)
+    assert torch.equal(patches_open, patches)
+
+
+def test_the_open_gate_is_one_plus_gate_on_the_cls_row_only():
+    from sddit.models.dit import residual_gate
+    gate = torch.randn(3, 4)
+    assert torch.equal(residual_gate(gate, 0, 5), gate[:, None])
+    opened = residual_gate(gate, 1, 5)
+    assert opened.shape == (3, 5, 4)
+    assert torch.equal(opened[:, 0], 1 + gate) and torch.equal(opened[:, 1:], gate[:, None].expand(3, 4, 4))

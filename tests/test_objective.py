@@ -39,6 +39,7 @@ def test_loss_parts_per_family():
     assert set(loss_of(tiny_config("MaskDiT-S/2"), 0).parts) == {"loss", "loss_gen", "loss_mae"}
     sd = loss_of(tiny_config("SD-DiT-S/2"), 0)
     diagnostics = {f"{name}_{kind}" for name in ("target_entropy", "agreement") for kind in ("cls", "patch")}
+    diagnostics |= {"teacher_cls_token_std", "teacher_cls_logit_std"}
     assert set(sd.parts) == {"loss", "loss_gen", "loss_cls", "loss_patch"} | diagnostics
     expected = sd.parts["loss_gen"] + sd.parts["loss_cls"] + sd.parts["loss_patch"]
     assert torch.allclose(sd.parts["loss"], expected)
@@ -114,7 +115,8 @@ def test_schedules():
     assert len(t) == 30 and t[0] == pytest.approx(0.09) and t[9] == pytest.approx(0.099) and (t[9:] == 0.099).all()
     config = tiny_config()
     s = Schedules(config)
-    assert len(s.teacher_temp) == len(s.teacher_momentum) == config.train.steps
+    assert len(s.teacher_temp) == len(s.teacher_momentum) == len(s.lr) == config.train.steps
+    assert (s.lr == config.optim.lr).all()                                 # no warm-up by default
     assert s.generation_decay(0) == pytest.approx(0.1) and s.generation_decay(10**9) == config.ema.generation_decay
 
 
@@ -359,3 +361,65 @@ def test_training_loss_masks_in_the_configured_blocks(family, monkeypatch):
     assert torch.isfinite(out.loss)
     [keep] = drawn
     assert set(masked_blocks(keep, 8, 2).unique().tolist()) == {0.0, 4.0}   # whole 2x2 blocks masked or seen
+
+
+def test_lr_warms_up_linearly_from_zero_then_stays():
+    config = tiny_config()
+    config.optim.warmup_steps = 4
+    lr = Schedules(config).lr
+    assert lr[:5].tolist() == pytest.approx([config.optim.lr * k for k in (0.25, 0.5, 0.75, 1.0, 1.0)])
+    assert (lr[3:] == config.optim.lr).all()
+    model, optimizer, ema, schedules = build_training(config)
+    x0, y = batch()
+    for step in range(2):
+        train_step(model, optimizer, ema, x0, y, step=step, config=config, schedules=schedules)
+        assert all(group["lr"] == pytest.approx(config.optim.lr * (step + 1) / 4) for group in optimizer.param_groups)
+
+
+def teacher_labels_seen(config) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    seen = []
+    encoder_forward = model.teacher.encoder.forward
+    model.teacher.encoder.forward = lambda x, t, y, *a: seen.append(y.clone()) or encoder_forward(x, t, y, *a)
+    x0, y = batch()
+    config.diffusion.label_dropout = 0.0
+    training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                  generator=torch.Generator().manual_seed(0))
+    return [seen[0], y]
+
+
+def test_the_teacher_gets_the_null_label_when_teacher_label_is_off():
+    config = tiny_config()
+    given, labels = teacher_labels_seen(config)
+    assert torch.equal(given, labels)
+    config.disc.teacher_label = False
+    given, _ = teacher_labels_seen(config)
+    assert (given == config.model.num_classes).all()
+
+
+def test_the_teachers_cls_spread_is_logged_and_zero_for_a_zero_gated_cls():
+    parts = loss_of(tiny_config(cls_gate="zero"), 0).parts
+    assert parts["teacher_cls_token_std"] == 0 and parts["teacher_cls_logit_std"] == 0
+    parts = loss_of(tiny_config(cls_gate="open"), 0).parts
+    assert parts["teacher_cls_token_std"] > 0.1 and parts["teacher_cls_logit_std"] > 0
+
+
+def test_no_signal_flag_and_the_teacher_probe():
+    import math
+
+    from sddit.diagnostics import cls_carries_no_signal, nearest_class_mean_accuracy, probe_teacher_cls
+    k = 64
+    assert cls_carries_no_signal([math.log(k) - 0.005, math.log(k)], k)
+    assert not cls_carries_no_signal([math.log(k) - 0.005, math.log(k) - 0.02], k)
+    assert not cls_carries_no_signal([], k)
+    # two well separated classes, interleaved so both halves hold both
+    features = torch.tensor([[0.0, 0.0], [5.0, 5.0]] * 4) + 0.1 * torch.randn(8, 2)
+    assert nearest_class_mean_accuracy(features, torch.tensor([0, 1] * 4)) == 1.0
+    x0, y = batch()
+    torch.manual_seed(0)
+    probed = probe_teacher_cls(build_from_config(tiny_config(cls_gate="zero").model), x0, y, teacher_sigma=0.002,
+                               teacher_temp=0.09)
+    assert probed["cls_token_std"] == probed["cls_logit_std_null_label"] == 0
+    # the same target for every image, whatever the label
+    assert probed["target_entropy_cls"] == pytest.approx(probed["target_entropy_cls_null_label"])

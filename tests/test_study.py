@@ -20,7 +20,7 @@ def flat_config(arm, base):
 
 
 @pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures",
-                                   "disc-terms", "mask-blocks", "maskdm"])
+                                   "disc-terms", "mask-blocks", "maskdm", "cls-signal"])
 def test_every_builtin_arm_builds_and_shares_the_backbone_batch_and_lr(study):
     from pipelines.study import STUDIES
     from sddit.config import load_preset
@@ -48,6 +48,8 @@ def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
     assert differs("SD-DiT-no-cls") == {"disc.cls_weight"}
     assert differs("SD-DiT-no-patch") == {"disc.patch_weight"}
     assert differs("SD-DiT-block2") == {"model.mask_block_size"}
+    assert differs("SD-DiT-zero-cls") == {"model.cls_gate"}                  # the preset's CLS is open
+    assert differs("SD-DiT-teacher-label") | differs("SD-DiT-teacher-null-label") == {"disc.teacher_label"}
     maskdit_block = flat_config("MaskDiT-block4", base)
     assert {k for k, v in maskdit_block.items() if v != flat_config("MaskDiT", base)[k]} == {"model.mask_block_size"}
     maskdm = flat_config("MaskDM", base)
@@ -66,6 +68,17 @@ def test_spread_rule():
     assert exceeds_spread((10.0, 1.0, 3), (20.0, 1.0, 3))
     assert not exceeds_spread((10.0, 5.0, 3), (13.0, 5.0, 3))
     assert not exceeds_spread((10.0, 0.0, 1), (20.0, 0.0, 1))      # one seed has no spread to compare with
+
+
+def test_arms_whose_cls_targets_stayed_uniform_are_flagged():
+    import math
+
+    from pipelines.study import arms_without_cls_signal
+    ln_k = math.log(64)
+    rows = [{"arm": "flat", "target_entropy_cls": ln_k - 0.004}, {"arm": "flat", "target_entropy_cls": ln_k},
+            {"arm": "live", "target_entropy_cls": ln_k - 0.004}, {"arm": "live", "target_entropy_cls": ln_k - 0.3},
+            {"arm": "DiT", "target_entropy_cls": ""}]
+    assert arms_without_cls_signal(rows, ["flat", "live", "DiT"], 64) == ["flat"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +139,7 @@ def test_tiny_study_writes_csv_summary_and_plots(tiny_study):
     assert sorted((r["arm"], r["seed"], r["images_seen"]) for r in rows) == sorted(
         (arm, str(seed), str(images)) for arm in ("DiT", "SD-DiT") for seed in (0, 1) for images in (16, 32))
     assert all(float(r["fid"]) > 0 and r["sfid"] and 0 <= float(r["class_agreement"]) <= 1 for r in rows)
-    assert all(r["loss_cls"] for r in rows if r["arm"] == "SD-DiT")
+    assert all(r["loss_cls"] and float(r["teacher_cls_token_std"]) > 0 for r in rows if r["arm"] == "SD-DiT")
     assert all(float(r["train_seconds"]) > 0 for r in rows)
     text = (out / "summary.md").read_text()
     assert "| 32 |" in text and "DiT vs SD-DiT: FID" in text

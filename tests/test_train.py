@@ -86,6 +86,52 @@ def test_bare_loop_resumes_bitwise_exactly(dataset, preset, tmp_path):
     assert final["data_position"]["epoch"] >= 0
 
 
+def test_resume_mid_warm_up_is_bitwise_exact_and_the_logged_lr_follows_the_warm_up(dataset, preset, tmp_path):
+    # warm-up over 6 of the 8 steps, checkpoint at 3, killed at 4: the run resumes half-way up the ramp
+    config = apply_overrides(load_preset(preset), ["optim.warmup_steps=6", "disc.teacher_label=false"])
+    final = resumes_bitwise_exactly(config, dataset, tmp_path, crash_at=4)
+    assert final["config"].optim.warmup_steps == 6 and final["config"].disc.teacher_label is False
+    hooks = RecordMetrics(tmp_path / "logged")
+    train_loop(copy.deepcopy(config), dataset, hooks=hooks)
+    lr = config.optim.lr
+    assert {step: m["lr"] for step, m in hooks.metrics.items()} == pytest.approx(
+        {2: lr * 2 / 6, 4: lr * 4 / 6, 6: lr, 8: lr})
+
+
+def test_a_checkpoint_from_before_cls_gate_loads_with_the_gate_it_was_trained_with(dataset, preset, tmp_path):
+    hooks = LocalHooks(tmp_path, verbose=False)
+    train_loop(load_preset(preset), dataset, hooks=hooks)
+    path = hooks.latest() / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    assert payload["config"]["model"]["cls_gate"] == "open"
+    del payload["config"]["model"]["cls_gate"]
+    torch.save(payload, path)
+    assert load_checkpoint(path)["config"].model.cls_gate == "zero"
+
+
+@pytest.mark.parametrize("cls_gate", ["open", "zero"])
+def test_cls_probe_trains_and_records_the_teachers_cls_at_every_point(dataset, preset, tmp_path, cls_gate):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "probe.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, str(root / "bench/cls_probe.py"), "--preset", str(preset), "--data",
+                              str(dataset), "--steps", "4", "--every", "2", "--probe-images", "8", "--label", cls_gate,
+                              "--set", f"model.cls_gate={cls_gate}", "--out", str(out)],
+                             check=True, capture_output=True, text=True).stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    points, summary = records[:-1], records[-1]
+    assert [p["step"] for p in points] == [0, 2, 4] and summary["kind"] == "summary"
+    assert all(p["label"] == cls_gate and p["denoise_error"] > 0 for p in points)
+    assert "batch_loss_cls" in points[1] and "step 4: CLS logit std" in printed
+    if cls_gate == "zero":                                  # the same CLS for every image at init
+        assert points[0]["cls_token_std"] == 0 and summary["verdict"] == "constant at init"
+    else:
+        assert points[0]["cls_token_std"] > 0 and summary["cls_logit_std_first"] > 0
+        assert summary["verdict"] in ("amplified", "held", "erased")
+
+
 class RecordReports(LocalHooks):
     def __init__(self, run_dir):
         super().__init__(run_dir, verbose=False)

@@ -21,6 +21,16 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def residual_gate(gate, open_tokens: int, length: int):
+    """adaLN-Zero's per-sample gate [N, D] for a sequence of `length` tokens: [N, 1, D], or [N, T, D] where the
+    first `open_tokens` rows get 1 + gate, an ordinary pre-LN residual at init (the CLS under cls_gate=open)."""
+    gate = gate.unsqueeze(1)
+    if open_tokens == 0:
+        return gate
+    is_open = (torch.arange(length, device=gate.device) < open_tokens).to(gate.dtype)
+    return gate + is_open[None, :, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Embedders for the noise level and the class label
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +150,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 6 * hidden_size))
 
-    def forward(self, x, c):                                # x: [N, T, D], c: [N, C]
+    def forward(self, x, c, open_tokens: int = 0):          # x: [N, T, D], c: [N, C]
+        """`open_tokens`: leading rows (the CLS) whose residual paths are open at init rather than zero-gated."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        gate_msa, gate_mlp = (residual_gate(gate, open_tokens, x.shape[1]) for gate in (gate_msa, gate_mlp))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -166,11 +178,17 @@ class ModulatedLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
-    """Patch embedding, t/y embedding, optional CLS token and the DiT blocks."""
+    """Patch embedding, t/y embedding, optional CLS token and the DiT blocks.
+
+    `cls_gate`: "zero" gates the CLS row like every patch token (adaLN-Zero: each block is the identity at init,
+    so the CLS leaves the encoder as the same learned vector for every image); "open" gives the CLS row
+    1 + gate, so at init it is an ordinary pre-LN ViT token that attends to the image, as DINO's and iBOT's CLS.
+    """
 
     def __init__(self, *, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                 mlp_ratio, num_classes, cls_token):
+                 mlp_ratio, num_classes, cls_token, cls_gate="zero"):
         super().__init__()
+        self.open_tokens = 1 if cls_token and cls_gate == "open" else 0
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
@@ -201,7 +219,7 @@ class Encoder(nn.Module):
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
         tapped = None
         for depth, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
+            h = block(h, c, self.open_tokens)
             if depth == tap_depth:
                 tapped = h[:, self.num_extra_tokens:]
         return h, c, patches, tapped
@@ -259,6 +277,7 @@ class Backbone(nn.Module):
             input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
             hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
             mlp_ratio=config.mlp_ratio, num_classes=config.num_classes, cls_token=config.cls_token,
+            cls_gate=config.cls_gate,
         )
         self.decoder = Decoder(
             num_patches=self.encoder.x_embedder.num_patches, patch_size=config.patch_size,

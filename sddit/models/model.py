@@ -46,8 +46,9 @@ class Teacher(nn.Module):
         self.head = copy.deepcopy(head).requires_grad_(False)
 
     def forward(self, x, t, y):                             # x: c_in * x_teacher [N, C, H, W]
-        tokens = self.encoder(x, t, y)[0]                   # [N, 1 + L, D]
-        return self.head(tokens)                            # [N, 1 + L, out]
+        """-> (encoder tokens [N, 1 + L, D], head logits [N, 1 + L, out])."""
+        tokens = self.encoder(x, t, y)[0]
+        return tokens, self.head(tokens)
 
 
 class DiffusionModel(nn.Module):

@@ -40,6 +40,11 @@ class ModelConfig:
     decoder_num_heads: int = 16
     # discrimination (0 weight: no CLS token use, no head, no teacher)
     cls_token: bool = False
+    # how the CLS row passes the blocks' adaLN-Zero gates; the paper does not say. "open": 1 + gate, an ordinary
+    # pre-LN residual at init, so the CLS differs between images from step 0 as DINO's and iBOT's does (the
+    # default); "zero": gated like the patch tokens, so every block is the identity for it at init, the CLS
+    # leaves the encoder as the same vector for every image and the teacher's CLS targets start uniform
+    cls_gate: str = "open"
     disc_weight: float = 0.0
     head_hidden_size: int = 2048
     head_bottleneck_size: int = 256
@@ -82,6 +87,7 @@ class ModelConfig:
                  f"decoder_hidden_size {self.decoder_hidden_size} is not divisible by {self.decoder_num_heads} heads")
         need(self.mae_weight >= 0, "mae_weight", f"must be >= 0, got {self.mae_weight}")
         need(self.disc_weight >= 0, "disc_weight", f"must be >= 0, got {self.disc_weight}")
+        need(self.cls_gate in ("open", "zero"), "cls_gate", f"must be open or zero, got {self.cls_gate!r}")
         need(self.disc_weight == 0 or self.cls_token, "cls_token",
              "the discriminative loss (disc_weight > 0) needs the CLS token")
         need(not self.mask_token or self.mask_ratio > 0, "mask_token", "a mask token needs mask_ratio > 0")
