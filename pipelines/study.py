@@ -193,6 +193,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-heun-steps", type=int, default=12,
                         help="EDM Heun steps per evaluation sample (default 12; 2 * steps - 1 network evaluations)")
     parser.add_argument("--out", required=True, help="output folder: results.csv, summary.md, plots, trials/")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report of the runs recorded so far (a study stopped part-way; "
+                             "unfinished runs are listed as such and continue on a later rerun without this flag)")
     parser.add_argument("--run-dir", default="runs", help="root of the MLflow store and default storage (default runs/)")
     parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
     parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
@@ -631,13 +634,17 @@ def study(args) -> dict:
                                "reference": plan["judge_dir"],
                                **{f"judge.{key}": value for key, value in plan["judge"].items()}})
             parent_run_id = run.info.run_id
-    todo = [label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
-            if o["status"] != "completed"]
+    # seed by seed (every arm's seed 0 first): a study stopped part-way has each arm at the same number of seeds
+    todo = sorted((label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
+                   if o["status"] != "completed"), key=lambda label: plan["runs"][label]["seed"])
+    if args.report_only:
+        print(f"study {plan['name']}: --report-only: {len(todo)} unfinished runs left as they are", flush=True)
+        todo = []
     pretrain_errors = pretrain_transfer_arms(args, plan, todo, parent_run_id, uri)
     todo = [label for label in todo if label not in pretrain_errors]
     errors = run_grid(args, plan, todo, parent_run_id, uri) if todo else {}
     errors.update(pretrain_errors)
-    if not todo:
+    if not todo and not args.report_only:
         print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
     done = evaluated_steps(client, plan)
     outcomes = outcomes_of(done, plan, errors)

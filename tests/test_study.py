@@ -172,6 +172,18 @@ def test_tiny_study_mlflow_has_a_parent_with_a_child_per_run(tiny_study):
     assert parent.data.metrics["runs_failed"] == 2 or client.get_run(parent.info.run_id).data.metrics["runs_failed"] == 2
 
 
+def test_report_only_writes_the_report_of_what_finished_without_training(tiny_study, capsys):
+    from pipelines.study import main
+    root, _ = tiny_study
+    args = study_args(root, root / "pixel8", root / "tiny.yaml", root / "arms.yaml")
+    args[args.index("--out") + 1] = str(root / "report-only")
+    capsys.readouterr()
+    main([*args, "--report-only"])
+    printed = capsys.readouterr().out
+    assert "--report-only: 2 unfinished runs left as they are" in printed and " runs of " not in printed
+    assert (root / "report-only" / "results.csv").read_text() == (root / "out" / "results.csv").read_text()
+
+
 def test_rerun_repeats_only_the_runs_that_did_not_finish(tiny_study, capsys):
     from pipelines.study import main
     root, _ = tiny_study
