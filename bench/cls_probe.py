@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit import code_version  # noqa: E402
-from sddit.config import apply_overrides, load_preset  # noqa: E402
-from sddit.data import Manifest  # noqa: E402
-from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls  # noqa: E402
-from sddit.diffusion import edm_loss_weight  # noqa: E402
-from sddit.loader import LatentLoader, step_generator  # noqa: E402
-from sddit.training import build_training, fit_to_dataset, train_step  # noqa: E402
+from sddit import code_version
+from sddit.config import apply_overrides, load_preset
+from sddit.data import Manifest
+from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls
+from sddit.diffusion import edm_loss_weight
+from sddit.loader import LatentLoader, step_generator
+from sddit.training import build_training, fit_to_dataset, train_step
 
 PROBE_SEED = 12345                  # the fixed images' loader seed, apart from any training seed
 DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising probe
@@ -38,7 +36,9 @@ DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising pro
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="fashion-mnist", help="base config (a preset name or YAML path)")
-    parser.add_argument("--data", required=True, help="dataset written by pipelines/encode.py")
+    parser.add_argument("--data", default=None, help="dataset written by pipelines/encode.py (required to probe)")
+    parser.add_argument("--table", default=None, metavar="JSONL",
+                        help="instead of probing: print the Markdown table of the runs recorded in this file")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="overrides of the preset (the recipe to judge); the model must be SD-DiT (a teacher)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--label", default=None, help="name of this recipe in the records (default: the overrides)")
     parser.add_argument("--out", default=None, help="JSON-lines file the points and the summary are appended to")
     args = parser.parse_args(argv)
+    if not args.table and not args.data:
+        parser.error("give --data DIR to probe, or --table JSONL to summarise earlier probes")
     for flag in ("steps", "every", "probe_images"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -145,8 +147,33 @@ def verdict_of(summary: dict) -> str:
     return "amplified" if last >= first else "held" if last >= 0.5 * first else "erased"
 
 
+TABLE_STEPS = (0, 50, 100, 250, 500, 1000)
+
+
+def table(path) -> str:
+    """A Markdown row per probed recipe in a JSON-lines file: the teacher's CLS logit std along the run, the last
+    CLS target entropy below ln K, the CLS token's class accuracy with and without the label, the denoising error."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    summaries = [r for r in records if r["kind"] == "summary"]
+    lines = ["| recipe | " + " | ".join(f"CLS logit std @{s}" for s in TABLE_STEPS) + " | ln K - H(targets) @end | "
+             "class accuracy, label / null label @end | denoise error @end | verdict |",
+             "| --- |" + " --- |" * (len(TABLE_STEPS) + 4)]
+    for summary in summaries:
+        at = {r["step"]: r for r in records if r["kind"] == "point" and r["label"] == summary["label"]}
+        last = at[max(at)]
+        stds = " | ".join(f"{at[s]['cls_logit_std']:.4f}" if s in at else "" for s in TABLE_STEPS)
+        lines.append(f"| {summary['label']} | {stds} | {summary['ln_k'] - last['target_entropy_cls']:.3f} | "
+                     f"{last['cls_class_accuracy']:.2f} / {last['cls_class_accuracy_null_label']:.2f} | "
+                     f"{last['denoise_error']:.4f} | {summary.get('verdict') or verdict_of(summary)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    return probe(parse_args(argv))
+    args = parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return None
+    return probe(args)
 
 
 if __name__ == "__main__":

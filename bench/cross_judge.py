@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.checkpoint import generator_of, load_checkpoint  # noqa: E402
-from sddit.codecs import make_codec  # noqa: E402
-from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch  # noqa: E402
+from sddit.checkpoint import generator_of, load_checkpoint
+from sddit.codecs import make_codec
+from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
 
 
 def named(text: str) -> tuple[str, str]:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, load_preset  # noqa: E402
-from sddit.data import Manifest  # noqa: E402
-from sddit.evaluation import (SamplingPlan, compute_metrics, dataset_codec, load_reference,  # noqa: E402
+from sddit.config import apply_overrides, load_preset
+from sddit.data import Manifest
+from sddit.evaluation import (SamplingPlan, compute_metrics, dataset_codec, load_reference,
                               make_extractor, sample_batch)
-from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop  # noqa: E402
+from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop
 
 
 def parse_args(argv=None):

@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from sddit import code_version  # noqa: E402
+from sddit import code_version
 
 STAGE_LINE = re.compile(r"full_run: (encode|tune|train|evaluate) (started|done)")
 PROGRESS_LINE = re.compile(r"final-\S+: step \d+/\d+, ([0-9.]+) img/s")

@@ -13,16 +13,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
-from sddit.data import list_image_folder, load_image  # noqa: E402
+from sddit.codecs import DEFAULT_VAE, make_codec
+from sddit.data import list_image_folder, load_image
 
 
 def plain_loop(root: Path, items, codec, resolution: int, batch_size: int) -> float:

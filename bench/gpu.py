@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from step_time import FAMILIES, count_flops_and_activations, device_name, measure_training, synchronize  # noqa: E402
+from bench.step_time import FAMILIES, count_flops_and_activations, device_name, measure_training, synchronize
 
-from sddit.diffusion import edm_sample  # noqa: E402
-from sddit.evaluation import SamplingPlan, sampling_network  # noqa: E402
-from sddit.models import build  # noqa: E402
+from sddit.diffusion import edm_sample
+from sddit.evaluation import SamplingPlan, sampling_network
+from sddit.models import build
 
 
 def matmul_tflops(device, size: int, dtype, repeats: int = 20) -> float:
@@ -44,7 +42,7 @@ def matmul_tflops(device, size: int, dtype, repeats: int = 20) -> float:
 def sd_vae_encode(device, batch_size: int, resolution: int, dtype, repeats: int = 5) -> dict:
     """The SD VAE's architecture (sd-vae-ft-ema config) with random weights: encoder speed only."""
     try:
-        from random_sd_vae import random_sd_vae
+        from bench.random_sd_vae import random_sd_vae
         vae = random_sd_vae().to(device=device, dtype=dtype).eval()
     except ImportError as error:
         return {"skipped": f"diffusers not importable: {error}"}

@@ -33,7 +33,6 @@ def bytes_read() -> int:
 
 def measure(data: Path, world_size: int, steps: int, batch_size: int) -> dict:
     """One rank (0 of `world_size`) in this process."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from sddit.loader import LatentLoader
@@ -95,8 +94,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure(Path(args.measure), args.world_size, args.steps, args.batch_size)))
         return
 
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    from synthetic_latents import write_latent_dataset
+    from bench.synthetic_latents import write_latent_dataset
 
     from sddit.data import FORMAT_VERSION, Manifest
     results = []

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def narrow_sd_vae(directory: Path) -> Path:
@@ -59,11 +58,10 @@ def main(argv=None) -> dict:
 
     from pipelines import encode, evaluate, train
     from sddit.checkpoint import load_checkpoint
-    from sddit.data import Manifest
     from sddit.evaluation import reference_from_npz
     from sddit.extractors import InceptionExtractor
     from sddit.loader import LatentLoader
-    from synthetic_images import write_images
+    from bench.synthetic_images import write_images
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import Config  # noqa: E402
-from sddit.models import model_config  # noqa: E402
-from sddit.training import build_training, compile_model, train_step  # noqa: E402
+from sddit.config import Config
+from sddit.models import model_config
+from sddit.training import build_training, compile_model, train_step
 
 FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
 REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.data import (EncodeSettings, Manifest, file_sha256, shard_schema, shard_table,  # noqa: E402
+from sddit.data import (EncodeSettings, Manifest, file_sha256, shard_schema, shard_table,
                         write_shard)
 
 

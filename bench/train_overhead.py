@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, load_preset  # noqa: E402
-from sddit.data import Manifest  # noqa: E402
-from sddit.loader import LatentLoader  # noqa: E402
-from sddit.training import LoopHooks, fit_to_dataset, train_loop  # noqa: E402
+from sddit.config import apply_overrides, load_preset
+from sddit.data import Manifest
+from sddit.loader import LatentLoader
+from sddit.training import LoopHooks, fit_to_dataset, train_loop
 
 
 class Rates(LoopHooks):

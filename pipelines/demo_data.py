@@ -208,8 +208,13 @@ def main(argv=None):
           f"--resolution 32 (and the same for {Path(args.out) / 'test'})", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a missing or unreadable source is one line, not a traceback."""
     try:
         main()
     except SourceError as error:
         sys.exit(f"demo_data: {error}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -21,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit import code_version  # noqa: E402
-from sddit.codecs import DEFAULT_VAE, make_codec  # noqa: E402
-from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,  # noqa: E402
+from sddit import code_version
+from sddit.codecs import DEFAULT_VAE, make_codec
+from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,
                         find_class_names, file_sha256, list_image_folder, load_image, read_shard_metadata,
                         shard_name, shard_schema, shard_table, tensor_spec, write_shard)
-from pipelines.common import (Progress, add_verbose_flag, init_ray, quiet_ray_data_console, run_cli,  # noqa: E402
+from pipelines.common import (Progress, add_verbose_flag, init_ray, quiet_ray_data_console, run_cli,
                               set_verbose)
 
 SETTINGS_FILE = "encode_settings.json"
@@ -334,5 +332,10 @@ def main(argv=None) -> Manifest:
     return encode(parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("encode", main)
+
+
+if __name__ == "__main__":
+    cli()

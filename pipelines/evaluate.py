@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit import code_version  # noqa: E402
-from sddit.checkpoint import load_checkpoint, load_generator, resolve  # noqa: E402
-from sddit.codecs import make_codec  # noqa: E402
-from sddit.evaluation import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan,  # noqa: E402
+from sddit import code_version
+from sddit.checkpoint import load_checkpoint, load_generator, resolve
+from sddit.codecs import make_codec
+from sddit.evaluation import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan,
                               assemble_samples, check_protocol, compute_metrics, finished_batches,
                               iter_sample_batches, load_reference, make_extractor, sample_batch,
                               sampling_network, write_batch)
-from sddit.extractors import WEIGHTS_ENV  # noqa: E402
-from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose  # noqa: E402
+from sddit.extractors import WEIGHTS_ENV
+from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
@@ -345,5 +343,10 @@ def main(argv=None) -> dict[str, float]:
     return evaluate(parse_args(argv))[0]
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("evaluate", main)
+
+
+if __name__ == "__main__":
+    cli()

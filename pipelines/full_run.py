@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 STARTED = time.time()   # run as a script, the wall clock starts here: before the project's and the libraries' imports
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.common import add_verbose_flag, run_cli, set_verbose  # noqa: E402
-from sddit.config import load_preset  # noqa: E402
-from sddit.errors import ConfigError  # noqa: E402
+from pipelines.common import add_verbose_flag, run_cli, set_verbose
+from sddit.config import load_preset
+from sddit.errors import ConfigError
 
 STAGES = ("encode", "tune", "train", "evaluate")
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "demo.yaml"
@@ -299,8 +297,13 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
           f"{experiment_id}/runs?{UI_QUERY} (MLflow's 'Model training' layout: runs, charts, sample grids)")
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("full_run", main)
     # Ray's exit hook waits 0.5 s for workers' late log lines; the stages' output arrived long before the summary
     import ray
     ray.shutdown()
+
+
+if __name__ == "__main__":
+    cli()

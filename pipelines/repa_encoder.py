@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.data import DataError, Manifest  # noqa: E402
-from sddit.evaluation import dataset_codec, dataset_images  # noqa: E402
-from sddit.representations import LOCAL_VIT, load_external_encoder, save_local_vit, train_local_vit  # noqa: E402
-from pipelines.common import run_cli  # noqa: E402
+from sddit.data import DataError, Manifest
+from sddit.evaluation import dataset_codec, dataset_images
+from sddit.representations import LOCAL_VIT, load_external_encoder, save_local_vit, train_local_vit
+from pipelines.common import run_cli
 
 
 def parse_args(argv=None):
@@ -90,5 +88,10 @@ def main(argv=None) -> dict:
     return info
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("repa_encoder", main)
+
+
+if __name__ == "__main__":
+    cli()

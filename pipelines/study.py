@@ -28,20 +28,18 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
-from sddit.data import DataError, Manifest  # noqa: E402
-from sddit.errors import ConfigError  # noqa: E402
-from sddit.models.registry import parse_name  # noqa: E402
-from sddit.training import fit_to_dataset  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
+from sddit.config import apply_overrides, load_preset, preset_names
+from sddit.data import DataError, Manifest
+from sddit.errors import ConfigError
+from sddit.models.registry import parse_name
+from sddit.training import fit_to_dataset
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout
 
 # ---------------------------------------------------------------------------------------------
 # Arms and studies
@@ -66,8 +64,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     **{f"SD-DiT-mask{r}": ("SD-DiT", [f"model.mask_ratio={r}"]) for r in ("0.1", "0.3", "0.5")},
     **{f"SD-DiT-tsigma{s}": ("SD-DiT", [f"diffusion.teacher_sigma={s}"]) for s in ("0.05", "0.3", "1.0")},
     "SD-DiT-tsigma-student": ("SD-DiT", ["diffusion.teacher_sigma_dist=student"]),
-    # DINO / iBOT's usual temperatures against the paper's (student 0.1, teacher 0.09 -> 0.099)
+    # DINO / iBOT's usual teacher temperatures and the paper's (student 0.1 in both), each set explicitly
     "SD-DiT-dino-temps": ("SD-DiT", ["disc.teacher_temp_start=0.04", "disc.teacher_temp_end=0.07"]),
+    "SD-DiT-paper-temps": ("SD-DiT", ["disc.teacher_temp_start=0.09", "disc.teacher_temp_end=0.099"]),
     # how the CLS passes the adaLN-Zero gates (model.cls_gate) and whether the teacher sees the label, set
     # explicitly so each arm means the same whatever the base preset chooses
     "SD-DiT-zero-cls": ("SD-DiT", ["model.cls_gate=zero"]),
@@ -97,7 +96,7 @@ STUDIES = {
     "paper-tab3": ["SD-DiT", "SD-DiT-no-disc", "SD-DiT-no-mask"],
     "paper-fig5": ["SD-DiT-no-mask", "SD-DiT-mask0.1", "SD-DiT", "SD-DiT-mask0.3", "SD-DiT-mask0.5"],
     "paper-fig6": ["SD-DiT", "SD-DiT-tsigma0.05", "SD-DiT-tsigma0.3", "SD-DiT-tsigma1.0", "SD-DiT-tsigma-student"],
-    "temperatures": ["SD-DiT", "SD-DiT-dino-temps"],
+    "temperatures": ["SD-DiT-paper-temps", "SD-DiT-dino-temps"],
     "disc-terms": ["SD-DiT", "SD-DiT-no-cls", "SD-DiT-no-patch", "SD-DiT-no-disc"],
     "repa": ["DiT", "DiT-REPA", "SD-DiT", "SD-DiT-REPA"],
     "cls-signal": ["DiT", "MaskDiT", "SD-DiT", "SD-DiT-teacher-null-label", "SD-DiT-no-cls", "SD-DiT-no-disc",
@@ -486,7 +485,7 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
     if plan["pretrain"]:
         pre = plan["pretrain"]
         lines += [f"The -transfer arms start from a run of their family at {pre['resolution']} px ({pre['images']} "
-                  f"images, {pre['steps']} steps, on {pre['data']}), its position table resampled onto the "
+                  f"images, {pre['steps']} steps, on {args.pretrain_data}), its position table resampled onto the "
                   f"{plan['base'].data.resolution} px grid; that pre-training is extra compute, not in 'images seen'.",
                   ""]
     failed = {label: o for label, o in outcomes.items() if o["status"] != "completed"}
@@ -682,5 +681,10 @@ def main(argv=None):
     return study(parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("study", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, load_preset, preset_names  # noqa: E402
-from sddit.data import Manifest  # noqa: E402
-from sddit.errors import ConfigError  # noqa: E402
-from sddit.models.registry import registry_fields  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
+from sddit.config import apply_overrides, load_preset, preset_names
+from sddit.data import Manifest
+from sddit.errors import ConfigError
+from sddit.models.registry import registry_fields
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
 # process exit at its first log at or after STEP, once (the marker file records it), like a crash.
@@ -313,5 +312,10 @@ def main(argv=None):
     return train(parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("train", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,12 +11,9 @@ statistics of the dataset are recomputed once.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.data import FORMAT_VERSION, Manifest, upgrade_dataset  # noqa: E402
-from pipelines.common import Progress, run_cli  # noqa: E402
+from sddit.data import FORMAT_VERSION, Manifest, upgrade_dataset
+from pipelines.common import Progress, run_cli
 
 
 def main(argv=None) -> int:
@@ -34,5 +31,10 @@ def main(argv=None) -> int:
     return rewritten
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("upgrade", main)
+
+
+if __name__ == "__main__":
+    cli()

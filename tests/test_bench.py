@@ -70,8 +70,7 @@ def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):
 
 def test_activation_memory_counts_the_distinct_tensors_kept_for_backward_without_parameters():
     import torch
-    sys.path.insert(0, str(ROOT / "bench"))
-    from step_time import count_flops_and_activations
+    from bench.step_time import count_flops_and_activations
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     x = torch.randn(8, 16)
     flops, saved = count_flops_and_activations(lambda: model(x).sum().backward(), model)

@@ -107,3 +107,18 @@ def test_the_ui_test_fails_rather_than_skips_without_a_browser(monkeypatch):
     monkeypatch.setenv("SDDIT_CHROMIUM", "/nonexistent/sddit-test/chromium")
     with pytest.raises(pytest.fail.Exception, match="make test"):
         chromium_path()
+
+
+def test_modules_import_as_one_installed_package_with_a_console_script_per_stage():
+    import importlib
+    import subprocess
+    import tomllib
+    root = INFRA.parent
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=root, check=True, capture_output=True, text=True).stdout
+    needle = "sys." + "path"                                # no file puts the checkout on the import path by hand
+    assert [f for f in tracked.split() if needle in (root / f).read_text()] == []
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"sddit-encode", "sddit-train", "sddit-tune", "sddit-evaluate", "sddit-run", "sddit-study"} <= set(scripts)
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

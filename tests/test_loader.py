@@ -1,5 +1,4 @@
 """The training reader: disjoint streamed shares, a pure function of the step, bounded memory."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +7,7 @@ import pytest
 import sddit.loader as loader_module
 from sddit.loader import LatentLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synthetic_latents import write_latent_dataset  # noqa: E402
+from bench.synthetic_latents import write_latent_dataset
 
 ROWS = 300
 

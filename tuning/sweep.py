@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sddit.config import apply_overrides, config_from_dict, load_preset, preset_names, save_config  # noqa: E402
-from sddit.data import Manifest  # noqa: E402
-from sddit.errors import ConfigError  # noqa: E402
-from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout  # noqa: E402
+from sddit.config import apply_overrides, config_from_dict, load_preset, preset_names, save_config
+from sddit.data import Manifest
+from sddit.errors import ConfigError
+from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
 SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
@@ -400,5 +398,10 @@ def main(argv=None, wait_for_plot: bool = True):
     return summary
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (`pyproject.toml`): a user error is one line, not a traceback."""
     run_cli("tune", main)
+
+
+if __name__ == "__main__":
+    cli()
