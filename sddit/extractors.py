@@ -9,7 +9,9 @@ Each extractor has a `name` (it goes into metric names: fid_<name>) and a `weigh
 (reference statistics are cached under it, so other weights never reuse them).
 
 `InceptionExtractor` is the FID Inception-v3, i.e. the TensorFlow graph of 2015-12-05 that the ADM
-evaluator runs, on torchvision's Inception3 with the weights pytorch-fid ported from that graph.
+evaluator runs: torch-fidelity's `FeatureExtractorInceptionV3` (the graph's layers, its TF1 bilinear resize,
+pool_3 and the bias-free logits) with the weights pytorch-fid ported from that graph, read from a local file.
+This module adds the sFID layer, the weights checksum and the errors that name the missing file.
 `DomainExtractor` is a small CNN trained on the dataset itself, for data where ImageNet features
 mean nothing (the demo's digits).
 """
@@ -19,13 +21,16 @@ import contextlib
 import hashlib
 import math
 import os
+import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torchvision.models.inception import Inception3
 
 from sddit.data import file_sha256, write_atomically
 from sddit.metrics import sfid_features
@@ -34,7 +39,6 @@ FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"       # torch.hub convention: the hex in the file name starts its sha256
 WEIGHTS_ENV = "SDDIT_INCEPTION_WEIGHTS"
-INCEPTION_SIZE = 299
 DOMAIN_CACHE_FILE = "domain_classifier.pt"
 DOMAIN_CACHE_FORMAT = 3          # 2: low / high stages for sFID features; 3: rows in content order
 
@@ -80,95 +84,16 @@ def _one_cpu_thread(device):
         torch.set_num_threads(saved)
 
 
-def _as_nchw_float(images) -> torch.Tensor:
-    """uint8 NHWC (array or tensor) -> float32 NCHW in 0..255."""
-    images = torch.as_tensor(np.asarray(images))
-    if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images [N, H, W, C], got {tuple(images.shape)} {images.dtype}")
-    return images.permute(0, 3, 1, 2).float()
-
-
 # ---------------------------------------------------------------------------------------------
 # Inception-v3 as in the TF FID graph
 # ---------------------------------------------------------------------------------------------
 
-def _tf_avg_pool(x):
-    # TF's average pool divides by the number of real (not padded) inputs under the window.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _tf_max_pool(x):
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-class _GraphInceptionA(InceptionA):
-    def _forward(self, x):
-        return [self.branch1x1(x),
-                self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                self.branch_pool(_tf_avg_pool(x))]
-
-
-class _GraphInceptionC(InceptionC):
-    def _forward(self, x):
-        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        double = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            double = conv(double)
-        return [self.branch1x1(x), seven, double, self.branch_pool(_tf_avg_pool(x))]
-
-
-class _GraphInceptionE(InceptionE):
-    """The 2015 graph pools differently in its two E blocks: mixed_9 averages (without padding), mixed_10
-    takes the maximum, where the Inception paper and torchvision average in both."""
-
-    def __init__(self, in_channels: int, pool):
-        super().__init__(in_channels)
-        self.pool = pool
-
-    def _forward(self, x):
-        three = self.branch3x3_1(x)
-        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return [self.branch1x1(x),
-                torch.cat([self.branch3x3_2a(three), self.branch3x3_2b(three)], 1),
-                torch.cat([self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double)], 1),
-                self.branch_pool(self.pool(x))]
-
-
-def fid_inception_v3() -> Inception3:
-    """torchvision's Inception3 rebuilt as the FID graph: 1008 classes, no aux head, TF pooling in the
-    Mixed_5*, Mixed_6b-e and Mixed_7b/c blocks. Its state-dict keys are those of pytorch-fid's weights."""
-    net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-    net.Mixed_5b = _GraphInceptionA(192, pool_features=32)
-    net.Mixed_5c = _GraphInceptionA(256, pool_features=64)
-    net.Mixed_5d = _GraphInceptionA(288, pool_features=64)
-    for name, channels_7x7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-        setattr(net, name, _GraphInceptionC(768, channels_7x7=channels_7x7))
-    net.Mixed_7b = _GraphInceptionE(1280, _tf_avg_pool)
-    net.Mixed_7c = _GraphInceptionE(2048, _tf_max_pool)
-    return net
-
-
-# Inception3's layers from the input to pool_3, in order (its own forward adds dropout and the biased fc).
-_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-          "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
-
-
-def tf_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of NCHW images as TF1's ResizeBilinear (align_corners=False) does inside the FID graph:
-    output pixel i samples the input at i * in / out (no half-pixel offset, unlike torch's interpolate),
-    clamped at the last row / column."""
-    def axis(length: int):
-        position = torch.arange(size, dtype=torch.float64, device=x.device) * (length / size)
-        low = position.floor().long()
-        high = (low + 1).clamp(max=length - 1)
-        return low, high, (position - low).to(x.dtype)
-
-    (top, bottom, fy), (left, right, fx) = axis(x.shape[2]), axis(x.shape[3])
-    rows = x[:, :, top] * (1 - fy)[:, None] + x[:, :, bottom] * fy[:, None]
-    return rows[..., left] * (1 - fx) + rows[..., right] * fx
+def _fid_inception(weights_path: str | Path) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's FID Inception (its name "inception-v3-compat"), loaded from a local weights file: it resizes
+    uint8 NCHW images to 299 as TF1's ResizeBilinear does, scales them by (x - 128) / 128, and returns pool_3 and
+    the softmax layer's MatMul without the bias. pytorch-fid's file has its parameter names and shapes."""
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                       feature_extractor_weights_path=str(weights_path))
 
 
 class InceptionExtractor:
@@ -178,7 +103,7 @@ class InceptionExtractor:
     299 x 299 (TF1 semantics), then (x - 128) / 128, i.e. [-1, 1). Greyscale images are repeated to RGB.
     """
 
-    def __init__(self, net: Inception3, *, name: str, weights_checksum: str, batch_size: int = 64):
+    def __init__(self, net: FeatureExtractorInceptionV3, *, name: str, weights_checksum: str, batch_size: int = 64):
         self.net = net.eval().requires_grad_(False)
         self.name = name
         self.weights_checksum = weights_checksum
@@ -206,10 +131,12 @@ class InceptionExtractor:
             raise ExtractorError(
                 f"Inception weights file {str(path)!r} has sha256 {checksum[:16]}..., but {FID_WEIGHTS_FILE} "
                 f"starts with {FID_WEIGHTS_SHA256_PREFIX}: a different or damaged file. {how}.")
-        net = fid_inception_v3()
         try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except (RuntimeError, ValueError) as error:
+            # torch-fidelity unpickles the file with weights_only=False; load it once with weights_only=True
+            # first, so a file that holds anything but tensors is refused before it can run code.
+            torch.load(path, map_location="cpu", weights_only=True)
+            net = _fid_inception(path)
+        except (RuntimeError, ValueError, pickle.UnpicklingError) as error:
             raise ExtractorError(f"cannot load {str(path)!r} into the FID Inception-v3: {error}") from error
         return cls(net, name="inception", weights_checksum=checksum, **kwargs)
 
@@ -217,15 +144,20 @@ class InceptionExtractor:
     def random(cls, seed: int = 0, **kwargs) -> InceptionExtractor:
         """FOR TESTS ONLY: the real architecture with seeded random weights, named 'inception-random' so its
         numbers can never pass for Inception metrics. He-initialised so activations stay O(1) through the
-        network (BatchNorm at its identity init), which keeps the features informative enough to test with."""
-        with torch.random.fork_rng(devices=[]):
+        network (BatchNorm at its identity init), which keeps the features informative enough to test with.
+        The weights go through a file, as the real ones do; torchvision's Inception3 with 1008 classes and no
+        aux head has the FID graph's parameters (its differences are in the pooling, which has none)."""
+        with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as directory:
             torch.manual_seed(seed)
-            net = fid_inception_v3()
-            for module in net.modules():
+            template = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+            for module in template.modules():
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 elif isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=1 / math.sqrt(module.in_features))
+            path = Path(directory) / "inception-random.pth"
+            torch.save(template.state_dict(), path)
+            net = _fid_inception(path)
         return cls(net, name="inception-random", weights_checksum=state_dict_sha256(net), **kwargs)
 
     def to(self, device) -> InceptionExtractor:
@@ -238,17 +170,14 @@ class InceptionExtractor:
 
     @torch.no_grad()
     def _extract_batch(self, images) -> dict[str, np.ndarray]:
-        x = _as_nchw_float(images).to(self.device)
+        x = torch.as_tensor(np.asarray(images))
+        if x.ndim != 4 or x.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images [N, H, W, C], got {tuple(x.shape)} {x.dtype}")
+        x = x.permute(0, 3, 1, 2).contiguous().to(self.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if x.shape[2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = tf_resize_bilinear(x, INCEPTION_SIZE)
-        x = (x - 128) / 128
         with _full_float32():
-            for name in _TRUNK:
-                x = getattr(self.net, name)(x)
-            pool = x.flatten(1)
-            logits = pool @ self.net.fc.weight.T    # ADM's IS uses the softmax layer's MatMul, before the bias
+            pool, logits = self.net(x)          # ADM's IS uses the softmax layer's MatMul, before the bias
         spatial, self._spatial = sfid_features(self._spatial), None
         return {"pool": pool.cpu().numpy(), "logits": logits.cpu().numpy(), "spatial": spatial}
 

@@ -206,14 +206,101 @@ def test_sfid_hook_captures_mixed_6d_branch1x1(random_inception):
     assert random_inception.name == "inception-random"
 
 
+def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1's ResizeBilinear (align_corners=False) written out from its kernel, in float32 as it computes: output
+    pixel i samples the input at i * (in / out) (no half-pixel offset, unlike torch's interpolate), clamped at
+    the last row / column; lerp along the row first, then between rows."""
+    def axis(length: int):
+        position = torch.arange(size, dtype=torch.float32) * torch.tensor(length / size, dtype=torch.float32)
+        low = position.floor()
+        return low.long(), (low.long() + 1).clamp(max=length - 1), position - low
+
+    (top, bottom, fy), (left, right, fx) = axis(x.shape[2]), axis(x.shape[3])
+    upper, lower = x[:, :, top], x[:, :, bottom]
+    upper = upper[..., left] + (upper[..., right] - upper[..., left]) * fx
+    lower = lower[..., left] + (lower[..., right] - lower[..., left]) * fx
+    return upper + (lower - upper) * fy[:, None]
+
+
 def test_resize_follows_tf1_resize_bilinear():
-    from sddit.extractors import tf_resize_bilinear
+    # the resize torch-fidelity's Inception applies to every input
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
     x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
     # output pixel i samples input position i * 2 / 4, clamped at the edge (torch's interpolate would shift by
     # half a pixel)
     expected = torch.tensor([[0.0, 5.0, 10.0, 10.0], [10.0, 15.0, 20.0, 20.0], [20.0, 25.0, 30.0, 30.0],
                              [20.0, 25.0, 30.0, 30.0]])
-    assert torch.equal(tf_resize_bilinear(x, 4)[0, 0], expected)
+    assert torch.equal(interpolate_bilinear_2d_like_tensorflow1x(x, size=(4, 4), align_corners=False)[0, 0], expected)
+    assert torch.equal(tf1_resize_bilinear(x, 4)[0, 0], expected)
+
+
+def test_inception_matches_an_independent_fid_graph_on_a_seeded_weights_file(tmp_path, monkeypatch):
+    """torch-fidelity's Inception, loaded by from_file, against the graph rebuilt without it: torchvision's
+    Inception3 with pytorch-fid's FID blocks (as clean-fid ships them), the written-out TF1 resize, pool_3, the
+    softmax MatMul without the bias and Mixed_6d.branch1x1 (mixed_6/conv), all from one seeded weights file."""
+    from cleanfid.inception_pytorch import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    from torchvision.models.inception import Inception3
+
+    from sddit import extractors
+    from sddit.data import file_sha256
+    from sddit.metrics import sfid_features
+
+    # a stand-in for pt_inception-2015-12-05-6726825d.pth: seeded weights, BatchNorm statistics away from identity
+    state = extractors.InceptionExtractor.random(seed=1).net.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    for key, value in state.items():
+        if key.endswith(("bn.weight", "bn.running_var")):
+            value.mul_(1 + 0.2 * torch.rand(value.shape, generator=generator))
+        elif key.endswith(("bn.bias", "bn.running_mean", "fc.bias")):
+            value.add_(0.1 * torch.randn(value.shape, generator=generator))
+    path = tmp_path / extractors.FID_WEIGHTS_FILE
+    torch.save(state, path)
+    monkeypatch.setattr(extractors, "FID_WEIGHTS_SHA256_PREFIX", "")      # a seeded file cannot have the real sha256
+    ours = extractors.InceptionExtractor.from_file(path, batch_size=8)
+    assert ours.name == "inception" and ours.weights_checksum == file_sha256(path)
+
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (FIDInceptionA(c, pool_features=p) for c, p in ((192, 32), (256, 64),
+                                                                                                 (288, 64)))
+    net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = (FIDInceptionC(768, channels_7x7=c)
+                                                              for c in (128, 160, 160, 192))
+    net.Mixed_7b, net.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    net.load_state_dict(torch.load(path, weights_only=True))
+    net.eval().requires_grad_(False)
+    captured = {}
+    net.avgpool.register_forward_hook(lambda m, i, o: captured.update(pool=o.flatten(1)))
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(spatial=o))
+
+    rng = np.random.default_rng(0)
+    for images in (rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8),      # upsampled to 299, as ImageNet 256
+                   rng.integers(0, 256, (1, 299, 299, 3), dtype=np.uint8)):     # already 299: no resize
+        out = ours.extract(images)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float()      # NCHW memory, as ours
+        if x.shape[-1] != 299:
+            x = tf1_resize_bilinear(x, 299)
+        with torch.no_grad():
+            net((x - 128) / 128)
+        pool = captured["pool"]
+        np.testing.assert_allclose(out["pool"], pool.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["logits"], (pool @ net.fc.weight.T).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["spatial"], sfid_features(captured["spatial"]), rtol=1e-5, atol=1e-5)
+        assert out["pool"].shape == (len(images), 2048) and out["spatial"].shape[1] == 2023
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return print, ("unpickled code ran",)
+
+
+def test_inception_weights_that_are_not_only_tensors_are_refused(tmp_path, monkeypatch, capsys):
+    # torch-fidelity loads the file with weights_only=False; from_file must refuse it before that can run code
+    from sddit import extractors
+    path = tmp_path / extractors.FID_WEIGHTS_FILE
+    torch.save({"fc.weight": torch.zeros(2), "payload": _RunsCodeWhenUnpickled()}, path)
+    monkeypatch.setattr(extractors, "FID_WEIGHTS_SHA256_PREFIX", "")
+    with pytest.raises(extractors.ExtractorError, match="cannot load .* into the FID Inception-v3: Weights only load"):
+        extractors.InceptionExtractor.from_file(path)
+    assert "unpickled code ran" not in capsys.readouterr().out
 
 
 def test_missing_or_wrong_inception_weights_fail_clearly(tmp_path, monkeypatch, checkpoint, mlflow_dir):

@@ -122,3 +122,40 @@ def test_modules_import_as_one_installed_package_with_a_console_script_per_stage
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
+
+
+# what the code imports that pyproject.toml does not name directly, and why it may still be declared
+INDIRECT = {"optuna": "Ray Tune imports it for --search optuna"}
+
+
+def test_dependencies_are_declared_as_used():
+    import ast
+    import importlib.metadata
+    import re
+    import sys
+    import tomllib
+    root = INFRA.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    def names(requirements):
+        return {normal(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in requirements}
+
+    declared, test_only = names(project["dependencies"]), names(project["optional-dependencies"]["test"])
+    distributions = importlib.metadata.packages_distributions()
+    imported = set()
+    own = {"sddit", "pipelines", "tuning", "bench"}
+    for folder in own:
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                           [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in own:
+                        imported.add(frozenset(normal(d) for d in distributions[top]))    # mlflow: 3 of them
+    assert [sorted(d) for d in imported if not d & declared] == [], "imported but not declared"
+    assert declared - set().union(*imported) - set(INDIRECT) == set(), "declared but never imported"
+    assert "clean-fid" in test_only and "clean-fid" not in declared          # only the tests use it

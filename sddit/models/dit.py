@@ -186,7 +186,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, *, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                 mlp_ratio, num_classes, cls_token, cls_gate="zero"):
+                 mlp_ratio, num_classes, cls_token, cls_gate):
         super().__init__()
         self.open_tokens = 1 if cls_token and cls_gate == "open" else 0
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
