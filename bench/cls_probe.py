@@ -28,19 +28,21 @@ from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls
 from sddit.diffusion import edm_loss_weight
 from sddit.loader import LatentLoader, step_generator
 from sddit.training import build_training, fit_to_dataset, train_step
+from pipelines.common import shared_options
 
 PROBE_SEED = 12345                  # the fixed images' loader seed, apart from any training seed
 DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising probe
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = shared_options("--set",
+                            set="overrides of the preset (the recipe to judge); the model must be SD-DiT (a teacher)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared])
     parser.add_argument("--preset", default="fashion-mnist", help="base config (a preset name or YAML path)")
     parser.add_argument("--data", default=None, help="dataset written by pipelines/encode.py (required to probe)")
     parser.add_argument("--table", default=None, metavar="JSONL",
                         help="instead of probing: print the Markdown table of the runs recorded in this file")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="overrides of the preset (the recipe to judge); the model must be SD-DiT (a teacher)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     parser.add_argument("--every", type=int, default=50, help="probe every N steps (default 50; step 0 too)")
     parser.add_argument("--probe-images", type=int, default=256, help="fixed images the teacher is probed on")

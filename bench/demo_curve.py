@@ -22,14 +22,16 @@ from sddit.data import Manifest
 from sddit.evaluation import (SamplingPlan, compute_metrics, dataset_codec, load_reference,
                               make_extractor, sample_batch)
 from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop
+from pipelines.common import shared_options
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = shared_options("--set",
+                            set="config overrides")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared])
     parser.add_argument("--data", required=True, help="a pixel-codec dataset written by pipelines/encode.py")
     parser.add_argument("--preset", default="demo", help="preset name or YAML path (default demo)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config overrides")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--every", type=int, default=300, help="steps between measurements (default 300)")
     parser.add_argument("--samples", type=int, default=500, help="samples per measurement (default 500)")

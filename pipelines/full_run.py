@@ -21,7 +21,7 @@ from pathlib import Path
 
 STARTED = time.time()   # run as a script, the wall clock starts here: before the project's and the libraries' imports
 
-from pipelines.common import add_verbose_flag, run_cli, set_verbose
+from pipelines.common import run_cli, set_verbose, shared_options
 from sddit.config import load_preset
 from sddit.errors import ConfigError
 
@@ -30,17 +30,20 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = shared_options("--address", "--storage", "--run-dir", "--verbose",
+                            address="Ray address with --cluster (default 'auto')",
+                            storage="storage every node can reach, for shards, checkpoints and results (default RUN_DIR)",
+                            run_dir="local run directory: the MLflow store (unless MLFLOW_TRACKING_URI is set) and the "
+                                    "summary (default runs/)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared])
     parser.add_argument("--cluster", action="store_true", help="connect to a running Ray cluster instead of starting one")
-    parser.add_argument("--address", default=None, help="Ray address with --cluster (default 'auto')")
     parser.add_argument("--preset", default="demo", help="preset for the whole run (default demo)")
     parser.add_argument("--data", default=None, help="image folder ROOT/<class>/<images> (default: the bundled digits)")
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="VAE hub id or local directory (sd-vae presets)")
-    parser.add_argument("--storage", default=None, help="shared storage for shards, checkpoints, results (default RUN_DIR)")
     parser.add_argument("--inception-weights", default=None, help="FID Inception weights file (inception extractor)")
     parser.add_argument("--reference", default=None, help="ADM reference .npz (default: statistics of the training shards)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--run-dir", default="runs", help="local run directory: MLflow store, summary (default runs/)")
     parser.add_argument("--num-workers", type=int, default=None, help="training workers (default 1 locally, all GPUs on --cluster)")
     parser.add_argument("--sweep-samples", type=int, default=None, help="sweep trials (default 2 demo, 16 cluster)")
     parser.add_argument("--sweep-budget", type=int, default=None, help="steps per trial (default 40 demo, 20000 cluster)")
@@ -56,7 +59,6 @@ def parse_args(argv=None):
                         help="the sampling network under bf16 autocast or in fp32 (default fp32; see evaluate.py)")
     parser.add_argument("--eval-compile", action="store_true",
                         help="torch.compile the sampling network (faster on a GPU; default eager; see evaluate.py)")
-    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     unknown = set(args.stages.split(",")) - set(STAGES)

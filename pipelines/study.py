@@ -7,10 +7,11 @@
 A study is a list of arms that differ only in the fields the paper varies; every arm trains the same
 base config (--preset, --set) for the same number of images, once per seed. Each arm x seed is a
 Ray Train run inside one Ray Tune grid (no early stopping, trials side by side as resources allow),
-built on the sweep's trial machinery (tuning/sweep.py). At --eval-points evenly spaced points each
-run samples its generation EMA without guidance (CFG 1, as the paper's tables) and is scored with
-the domain extractor (pixel datasets) or Inception: FID, sFID, IS, precision, recall, class
-agreement, beside the training losses and the discriminative diagnostics (target entropy, agreement).
+built on the trial machinery it shares with the sweep (pipelines/trials.py). At --eval-points
+evenly spaced points each run samples its generation EMA without guidance (CFG 1, as the paper's
+tables) and is scored with the domain extractor (pixel datasets) or Inception: FID, sFID, IS,
+precision, recall, class agreement, beside the training losses and the discriminative diagnostics
+(target entropy, agreement).
 
 Output in --out and in one MLflow parent run with a child per trial: results.csv (a row per arm,
 seed and evaluation point), summary.md (mean and standard deviation over seeds, and which
@@ -37,24 +38,18 @@ import yaml
 from sddit.config import apply_overrides, load_preset, preset_names
 from sddit.data import DataError, Manifest
 from sddit.errors import ConfigError
-from sddit.models.registry import parse_name
+from sddit.models.registry import SWITCHES, family_overrides, parse_name
 from sddit.training import fit_to_dataset
-from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout
+from pipelines.common import run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.tracking import tag_query
 
 # ---------------------------------------------------------------------------------------------
 # Arms and studies
 # ---------------------------------------------------------------------------------------------
 
-# What makes a family, set explicitly, so an arm means the same whatever the base preset's family.
-# Backbone, decoder size, head, optimiser and schedules come from the base config and are shared.
-_FAMILY = {
-    "DiT": ["model.mask_ratio=0", "model.mask_token=false", "model.mae_weight=0", "model.decoder_depth=0",
-            "model.cls_token=false", "model.disc_weight=0", "model.repa_weight=0"],
-    "MaskDiT": ["model.mask_ratio=0.5", "model.mask_token=true", "model.mae_weight=0.1", "model.cls_token=false",
-                "model.disc_weight=0", "model.repa_weight=0"],
-    "SD-DiT": ["model.mask_ratio=0.2", "model.mask_token=false", "model.mae_weight=0", "model.cls_token=true",
-               "model.disc_weight=1.0", "model.repa_weight=0"],
-}
+# An arm is a family, every switch of it set explicitly (sddit.models.registry.family_overrides), so it means the
+# same whatever the base preset's family; backbone, decoder size, head, optimiser and schedules come from the base
+# config and are shared. Then the arm's own overrides.
 ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on top of the family's)
     "DiT": ("DiT", []),
     "MaskDiT": ("MaskDiT", []),
@@ -89,6 +84,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     # resolution transfer (Berrada et al. 2024): the family's config at the study's resolution, initialised from
     # a pre-training run of the same family on --pretrain-data (a lower resolution), positions resampled
     **{f"{family}-transfer": (family, []) for family in ("DiT", "SD-DiT")},
+    # self-supervision inside the DiT from its own forward, at each reference's weight and (scaled) blocks
+    "DiT-LayerSync": ("DiT", ["model.layersync_weight=0.2"]),
+    "DiT-Dispersive": ("DiT", ["model.dispersive_weight=0.25"]),
 }
 TRANSFERRED = {arm for arm in ARMS if arm.endswith("-transfer")}
 STUDIES = {
@@ -104,6 +102,7 @@ STUDIES = {
     "mask-blocks": ["MaskDiT", "MaskDiT-block2", "MaskDiT-block4", "SD-DiT", "SD-DiT-block2", "SD-DiT-block4"],
     "maskdm": ["DiT", "MaskDM", "MaskDM-block2", "MaskDM-crop"],
     "transfer": ["DiT", "DiT-transfer", "SD-DiT", "SD-DiT-transfer"],
+    "self-supervision": ["DiT", "SD-DiT", "SD-DiT-no-disc", "DiT-LayerSync", "DiT-Dispersive"],
 }
 # the paper's figures for each study (ImageNet-256, S/2 at 400k steps unless noted), quoted in summary.md
 PAPER = {
@@ -123,10 +122,13 @@ PAPER = {
               "about 4x fewer fine-tuning steps; block-wise masks best among its mask types",
     "transfer": "Berrada et al. (2024): pre-training at low resolution, then transferring, gives about 25% better "
                 "FID than training at the high resolution alone, at equal high-resolution steps",
+    "self-supervision": "LayerSync (Haghighi et al. 2025): SiT-XL/2, 80 epochs, no CFG, FID 17.97 -> 11.24; "
+                        "Dispersive Loss (Wang & He 2025): consistent FID gains on SiT and DiT of every size",
 }
 METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
 LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "loss_repa", "target_entropy_cls", "target_entropy_patch",
-          "agreement_cls", "agreement_patch", "teacher_cls_token_std", "teacher_cls_logit_std")
+          "agreement_cls", "agreement_patch", "teacher_cls_token_std", "teacher_cls_logit_std", "loss_layersync",
+          "loss_dispersive")
 
 
 def arm_overrides(arm: str, base_name: str, custom: dict | None = None) -> list[str]:
@@ -140,7 +142,7 @@ def arm_overrides(arm: str, base_name: str, custom: dict | None = None) -> list[
         raise ConfigError("arms", f"unknown arm {arm!r}; built-in arms: {', '.join(ARMS)}"
                                   + (f"; from --arms-file: {', '.join(custom)}" if custom else ""))
     _, size, patch = parse_name(base_name)
-    return [f"model.name={family}-{size}/{patch}", *_FAMILY[family], *extra]
+    return [f"model.name={family}-{size}/{patch}", *family_overrides(family), *extra]
 
 
 def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
@@ -151,8 +153,8 @@ def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
     data = yaml.safe_load(path.read_text()) or {}
     arms = {}
     for name, spec in data.items():
-        if not isinstance(spec, dict) or spec.get("family") not in _FAMILY:
-            raise ConfigError(f"arms_file.{name}", f"{path}: needs family: {' | '.join(_FAMILY)}")
+        if not isinstance(spec, dict) or spec.get("family") not in SWITCHES:
+            raise ConfigError(f"arms_file.{name}", f"{path}: needs family: {' | '.join(SWITCHES)}")
         arms[str(name)] = (spec["family"], [str(item) for item in spec.get("set") or []])
     return arms
 
@@ -162,7 +164,11 @@ def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = shared_options("--set", "--use-gpu", "--run-dir", "--storage", "--address", "--verbose",
+                            set="overrides of the base config, applied to every arm (before the arm's own)",
+                            use_gpu="one GPU per run (default: CPU)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared])
     parser.add_argument("--study", default=None, choices=sorted(STUDIES),
                         help="a built-in study: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in STUDIES.items()))
     parser.add_argument("--arms", default=None,
@@ -182,8 +188,6 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default=None,
                         help=f"base config every arm shares: backbone, batch, lr ({', '.join(preset_names())} or a "
                              f"YAML path; default fashion-mnist for pixel datasets, imagenet256-S2 for SD-VAE latents)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="overrides of the base config, applied to every arm (before the arm's own)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm, 0..N-1 (train.seed; default 3)")
     parser.add_argument("--images-per-arm", type=int, default=48_000,
                         help="training images per run (rounded up to whole evaluation intervals; default 48000)")
@@ -195,12 +199,7 @@ def parse_args(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report of the runs recorded so far (a study stopped part-way; "
                              "unfinished runs are listed as such and continue on a later rerun without this flag)")
-    parser.add_argument("--run-dir", default="runs", help="root of the MLflow store and default storage (default runs/)")
-    parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
-    parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per run (default: CPU)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster fits)")
-    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps", "pretrain_images"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -331,7 +330,7 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
 
     from pipelines.common import init_ray, tune_verbosity
     from pipelines.tracking import use_store
-    from tuning.sweep import root_cause, trial_resources, trial_runs_callback, trial_trainable
+    from pipelines.trials import root_cause, trial_resources, trial_runs_callback, trial_trainable
 
     runs = plan["runs"] if runs is None else runs
     storage = storage_of(args)
@@ -376,7 +375,7 @@ def evaluated_steps(client, plan: dict) -> dict[str, tuple[str | None, list[int]
     key = f"proxy_fid_{plan['extractor']}"
     done = {}
     for label, run in plan["runs"].items():
-        found = client.search_runs([experiment.experiment_id], f"tags.`sddit.train_name` = '{run['name']}'") \
+        found = client.search_runs([experiment.experiment_id], tag_query({"sddit.train_name": run["name"]})) \
             if experiment else []
         run_id = found[0].info.run_id if found else None
         done[label] = (run_id, sorted(m.step for m in client.get_metric_history(run_id, key)) if run_id else [])
@@ -503,9 +502,9 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
     lines += ["", f"## At the last point ({max(points) if points else 0} images)", "",
               "| arm | seeds | FID | sFID | precision | recall | class agreement | loss_gen | loss_cls (ln K = "
               f"{math.log(plan['base'].model.head_out_size):.3f}) | target entropy CLS | teacher CLS token std | "
-              "teacher CLS logit std | loss_patch | target entropy patch | agreement CLS | loss_repa (-cos) | img/s | "
-              "train s |",
-              "| --- |" + " --- |" * 17]
+              "teacher CLS logit std | loss_patch | target entropy patch | agreement CLS | loss_repa (-cos) | "
+              "loss_layersync (-cos) | loss_dispersive | img/s | train s |",
+              "| --- |" + " --- |" * 19]
     for arm, stats in final.items():
         cells = [str(stats.get("fid", (0, 0, 0))[2])] + [
             fmt(stats.get(c), d) for c, d in (("fid", 2), ("sfid", 2), ("precision", 3), ("recall", 3),
@@ -513,7 +512,8 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
                                               ("target_entropy_cls", 4), ("teacher_cls_token_std", 4),
                                               ("teacher_cls_logit_std", 4), ("loss_patch", 4),
                                               ("target_entropy_patch", 4), ("agreement_cls", 3), ("loss_repa", 3),
-                                              ("images_per_s", 0), ("train_seconds", 0))]
+                                              ("loss_layersync", 3), ("loss_dispersive", 3), ("images_per_s", 0),
+                                              ("train_seconds", 0))]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if flat_cls:
         lines += ["", f"**CLS term carries no signal** in {', '.join(flat_cls)}: every recorded CLS target entropy "
@@ -607,7 +607,7 @@ def study(args) -> dict:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
-    from tuning.sweep import prepare_judge
+    from pipelines.trials import prepare_judge
 
     set_verbose(args.verbose)
     plan = plan_study(args)                        # everything that can be wrong fails here, before Ray
@@ -617,7 +617,7 @@ def study(args) -> dict:
     use_store(uri)
     client = MlflowClient(uri)
     plan["judge"] = prepare_judge(plan["extractor"], plan["judge_dir"])
-    existing = mlflow.search_runs(filter_string=f"tags.`sddit.study_name` = '{plan['name']}'", output_format="list")
+    existing = mlflow.search_runs(filter_string=tag_query({"sddit.study_name": plan["name"]}), output_format="list")
     if existing:
         check_same_judge(plan, existing[0].data.params)
         parent_run_id = existing[0].info.run_id

@@ -21,7 +21,8 @@ from sddit.config import apply_overrides, load_preset, preset_names
 from sddit.data import Manifest
 from sddit.errors import ConfigError
 from sddit.models.registry import registry_fields
-from pipelines.common import add_verbose_flag, run_cli, set_verbose, warn_about_layout
+from pipelines.common import run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.tracking import tag_query
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
 # process exit at its first log at or after STEP, once (the marker file records it), like a crash.
@@ -29,7 +30,8 @@ KILL_ENV = "SDDIT_FAULT_KILL_WORKER"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[shared_options("--set", "--use-gpu", "--run-dir", "--storage", "--address", "--verbose")])
     parser.add_argument("--data", required=True, help="dataset directory written by pipelines/encode.py")
     parser.add_argument("--preset", default="demo", help=f"preset name ({', '.join(preset_names())}) or YAML path")
     parser.add_argument("--model", default=None,
@@ -37,7 +39,6 @@ def parse_args(argv=None):
                              "(mask, decoder, discrimination); the preset keeps the data fields and the head "
                              "(default: the preset's model)")
     parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (default 2)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
     parser.add_argument("--cpus-per-worker", type=int, default=None,
                         help="CPUs (and torch threads) per worker (default on CPU runs: the largest even share "
                              "that fits all workers on the cluster's nodes; 4 with --use-gpu)")
@@ -45,15 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size across workers (optim.batch_size)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (train.checkpoint_every)")
     parser.add_argument("--keep-checkpoints", type=int, default=None, help="checkpoints to keep (train.keep_checkpoints)")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="any config field, e.g. --set model.mask_ratio=0.5 optim.lr=3e-4")
     parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. a sweep's best trial)")
     parser.add_argument("--name", default=None, help="run name; re-running with the same name resumes (default: from preset/model)")
-    parser.add_argument("--run-dir", default="runs", help="local root for the MLflow store and default storage (default runs/)")
-    parser.add_argument("--storage", default=None, help="checkpoint storage shared by all nodes (default RUN_DIR/ray)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from (default 3)")
-    parser.add_argument("--address", default=None, help="Ray address ('auto' for a running cluster; default: local)")
-    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -249,7 +244,7 @@ def find_or_create_run(client, experiment_id: str, name: str, params: dict, pare
 
     # the code each (re)start ran, in order: a run resumed by other code says so
     version = code_version()
-    existing = client.search_runs([experiment_id], f"tags.`sddit.train_name` = '{name}'", max_results=1,
+    existing = client.search_runs([experiment_id], tag_query({"sddit.train_name": name}), max_results=1,
                                   order_by=["attributes.start_time DESC"])
     if existing:
         run_id, earlier = existing[0].info.run_id, existing[0].data.tags.get(CODE_VERSION_TAG, "")

@@ -18,6 +18,7 @@ from sddit import code_version
 from sddit.config import Config, config_from_dict
 from sddit.data import write_atomically
 from sddit.diffusion import EDMPrecond
+from sddit.errors import UserError
 from sddit.models.dit import Backbone
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -69,7 +70,7 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is unreadable or incomplete; the message names the file."""
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sddit.errors import UserError
+
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SD_VAE_SCALING = 0.18215
 
 
-class CodecError(RuntimeError):
+class CodecError(UserError, RuntimeError):
     """A codec asset is missing or unusable; the message says which and how to provide it."""
 
 

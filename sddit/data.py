@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from sddit.errors import StorageError
+from sddit.errors import StorageError, UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST = "manifest.json"
@@ -26,7 +26,7 @@ SHARD_METADATA_KEY = b"sddit.shard"
 FORMAT_VERSION = 2                          # 1: tensors as Parquet lists; 2: as fixed-size binary
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset directory or input tree is unusable; the message names the file and the problem."""
 
 

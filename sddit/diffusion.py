@@ -26,7 +26,7 @@ class EDMPrecond(nn.Module):
 
     Calling it gives D(x) only, the `denoiser(x, sigma, labels)` contract of `edm_sample`;
     `denoise` also returns what else the backbone returns (its encoder tokens, and the tapped hidden
-    tokens when asked) and passes a token mask and a tap depth through, for training.
+    tokens when asked) and passes a token mask and the depths to tap through, for training.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5):

@@ -26,6 +26,7 @@ import torch
 from sddit.codecs import make_codec
 from sddit.data import Manifest, file_sha256, read_shard, read_tensor_column, write_atomically
 from sddit.diffusion import edm_sample
+from sddit.errors import UserError
 from sddit.extractors import DomainExtractor, InceptionExtractor
 from sddit.images import to_uint8
 from sddit.metrics import StreamingStats, frechet_distance, inception_score, precision_recall
@@ -42,7 +43,7 @@ IS_SPLIT_SIZE = 5000
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)     # fixed entry time: the same samples give a bitwise-identical samples.npz
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """An evaluation input is unusable or inconsistent; the message names the file or field and the fix."""
 
 

@@ -33,6 +33,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torchvision.models.inception import Inception3
 
 from sddit.data import file_sha256, write_atomically
+from sddit.errors import UserError
 from sddit.metrics import sfid_features
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -43,7 +44,7 @@ DOMAIN_CACHE_FILE = "domain_classifier.pt"
 DOMAIN_CACHE_FORMAT = 3          # 2: low / high stages for sFID features; 3: rows in content order
 
 
-class ExtractorError(RuntimeError):
+class ExtractorError(UserError, RuntimeError):
     """A feature extractor cannot be built; the message names the missing or wrong asset and the fix."""
 
 

@@ -2,11 +2,12 @@
 
 `training_loss` is the single place where DiT, MaskDiT and SD-DiT differ at training time, and
 only through the model's configuration (mask ratio, mask token, MAE weight, discriminative weight,
-REPA weight).
+REPA, LayerSync and Dispersive weights).
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ class LossOutput:
     loss: torch.Tensor                      # scalar to backpropagate
     parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch,
                                             # target_entropy_{cls,patch}, agreement_{cls,patch},
-                                            # teacher_cls_{token,logit}_std
+                                            # teacher_cls_{token,logit}_std, loss_{repa,layersync,dispersive}
     teacher_cls: torch.Tensor | None = None    # detached teacher logits, for the centre update after the step
     teacher_patch: torch.Tensor | None = None
 
@@ -70,6 +71,23 @@ def repa_loss(aligned, features, ids_keep=None):
     the external feature of the clean image at the same position [N, L, D]."""
     target = features if ids_keep is None else gather_tokens(features, ids_keep)
     return -(F.normalize(aligned.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def layersync_loss(shallow, deep):                         # [N, K, D] each
+    """LayerSync's term: minus the mean cosine between each token of a shallow block and the same token of a
+    deeper block, the deeper one a fixed target (no gradient reaches it through this term)."""
+    return -(F.normalize(shallow.float(), dim=-1) * F.normalize(deep.detach().float(), dim=-1)).sum(dim=-1).mean()
+
+
+def dispersive_loss(z, temperature: float = 1.0):            # z: [N, ...]
+    """Dispersive Loss, InfoNCE-L2: log of the mean, over every ordered pair (i, j) of the batch's images, i = j
+    included, of exp(-|z_i - z_j|^2 / (d tau)), d the flattened size. Lowest when the images' representations
+    lie far apart; no positive pairs, so it does not pull against the regression target."""
+    z = z.float().flatten(1)
+    n = z.shape[0]
+    distances = F.pdist(z).pow(2) / (z.shape[1] * temperature)       # [N (N - 1) / 2], the pairs i < j
+    exponents = torch.cat([-distances, -distances, distances.new_zeros(n)])    # both orders, and i = j
+    return torch.logsumexp(exponents, dim=0) - 2 * math.log(n)
 
 
 def between_image_std(x):                                  # x: [N, D]
@@ -154,6 +172,16 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
             raise ValueError("model.repa_weight > 0 needs the external features of the batch")
         parts["loss_repa"] = repa_loss(out.aligned, on_token_grid(features, net.num_patches), ids_keep)
         loss = loss + cfg.repa_weight * parts["loss_repa"]
+
+    # self-supervision inside the encoder, from the student's own forward: LayerSync pulls a shallow block towards
+    # a deeper one; Dispersive Loss spreads one block's representations over the batch
+    if cfg.layersync_weight > 0:
+        shallow, deep = cfg.layersync_blocks()
+        parts["loss_layersync"] = layersync_loss(out.hidden[shallow], out.hidden[deep])
+        loss = loss + cfg.layersync_weight * parts["loss_layersync"]
+    if cfg.dispersive_weight > 0:
+        parts["loss_dispersive"] = dispersive_loss(out.hidden[cfg.dispersive_block()], cfg.dispersive_temp)
+        loss = loss + cfg.dispersive_weight * parts["loss_dispersive"]
 
     parts = {key: value.detach() for key, value in parts.items()}
     parts["loss"] = loss.detach()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sddit.data import file_sha256, write_atomically
+from sddit.errors import UserError
 
 LOCAL_VIT = "local-vit"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,7 +32,7 @@ TIMM_WEIGHTS_HINT = ("download it once on a machine with internet, e.g. the mode
                      "repository timm/vit_base_patch14_dinov2.lvd142m for timm:vit_base_patch14_dinov2")
 
 
-class ExternalEncoderError(RuntimeError):
+class ExternalEncoderError(UserError, RuntimeError):
     """The external encoder cannot be loaded; the message names the file and where to get it."""
 
 

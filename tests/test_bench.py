@@ -56,6 +56,21 @@ def test_step_time_bench_times_the_repa_term(tmp_path):
     assert set(record["repa_over_plain_step_time"]) == {"DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"}
 
 
+def test_step_time_bench_times_the_self_supervision_terms_beside_dit(tmp_path):
+    out = tmp_path / "step_time.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
+                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--self-supervision",
+                    "--out", str(out)], check=True, capture_output=True)
+    record = json.loads(out.read_text().splitlines()[-1])
+    rows = {row["model"]: row for row in record["rows"]}
+    assert {"DiT-S/8 + layersync", "DiT-S/8 + dispersive"} <= set(rows)
+    for term in ("layersync", "dispersive"):            # no parameters, a few more FLOPs
+        row = rows[f"DiT-S/8 + {term}"]
+        assert row["student_params_m"] == rows["DiT-S/8"]["student_params_m"]
+        assert row["gflops_per_image"] >= rows["DiT-S/8"]["gflops_per_image"] and row["loss_finite"]
+    assert set(record["term_over_dit_step_time"]) == {"layersync", "dispersive"}
+
+
 def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):
     subprocess.run([sys.executable, "bench/loader_scale.py", "--sizes", "5000", "--workers", "1,2",
                     "--unique-shards", "1", "--data-root", str(tmp_path / "data"), "--steps", "3", "--batch-size", "64",

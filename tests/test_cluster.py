@@ -273,14 +273,14 @@ def test_ray_job_submit_runs_the_smoke_demo_on_a_two_node_cluster(loopback_clust
 ])
 def test_trial_resources_share_the_cpus_among_the_concurrent_trials(node_cpus, workers_per_trial, max_concurrent,
                                                                     expected):
-    from tuning.sweep import trial_resources
+    from pipelines.trials import trial_resources
     concurrent, cpus, gpus = trial_resources(fake_ray(*node_cpus), workers_per_trial, 0, max_concurrent)
     assert (concurrent, cpus) == expected and gpus == 0
 
 
 def test_trial_resources_never_oversubscribe_gpus():
     from sddit.errors import ConfigError
-    from tuning.sweep import trial_resources
+    from pipelines.trials import trial_resources
     assert trial_resources(fake_ray(16, gpus=2), 1, 1, 8)[:1] == (2,)
     with pytest.raises(ConfigError, match="gpus_per_trial"):
         trial_resources(fake_ray(16, gpus=1), 1, 2, None)

@@ -92,10 +92,68 @@ def test_config_errors_survive_pickling_across_processes():
 
 
 def test_configs_and_the_pipeline_modules_import_without_torch_or_timm():
-    # a Tune trial's actor unpickles its trainable from tuning.sweep and only starts a Ray Train run: importing
+    # a Tune trial's actor unpickles its trainable from pipelines.trials and only starts a Ray Train run: importing
     # the networks there cost each trial ~2 s of CPU on the 2-core demo
-    code = ("import sys, sddit.config, sddit.models, tuning.sweep, pipelines.train, pipelines.full_run; "
+    code = ("import sys, sddit.config, sddit.models, pipelines.trials, tuning.sweep, pipelines.train, pipelines.full_run; "
             "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_every_user_error_shares_one_base_that_the_command_line_prints_as_one_line(capsys):
+    import importlib
+    import inspect
+    import pickle
+
+    from pipelines.common import run_cli
+    from sddit.errors import UserError
+    modules = ["sddit.checkpoint", "sddit.codecs", "sddit.data", "sddit.errors", "sddit.evaluation",
+               "sddit.extractors", "sddit.representations", "pipelines.demo_data"]
+    errors = {obj for name in modules for _, obj in inspect.getmembers(importlib.import_module(name), inspect.isclass)
+              if issubclass(obj, Exception) and obj.__module__ == name}
+    assert [e.__name__ for e in errors if not issubclass(e, UserError)] == []
+    assert len(errors) >= 10      # UserError, ConfigError, StorageError and one per module
+    for error in errors - {UserError}:
+        message = "field.x: the message"
+        raised = error("field.x", "the message") if error.__name__ == "ConfigError" else error(message)
+        assert str(pickle.loads(pickle.dumps(raised))) == message           # crosses Ray's process boundaries
+
+        def main():
+            raise raised
+        with pytest.raises(SystemExit) as exit_:
+            run_cli("stage", main)
+        assert exit_.value.code == f"stage: {message}", error
+
+
+@pytest.mark.parametrize("module, required, flags", [
+    ("pipelines.encode", ["--data", "d", "--out", "o"], ["--address", "--run-dir", "--verbose"]),
+    ("pipelines.evaluate", ["--checkpoint", "c"], ["--address", "--run-dir", "--verbose"]),
+    ("pipelines.train", ["--data", "d"], ["--set", "--use-gpu", "--run-dir", "--storage", "--address", "--verbose"]),
+    ("tuning.sweep", ["--data", "d"], ["--set", "--run-dir", "--storage", "--address", "--verbose"]),
+    ("pipelines.study", ["--data", "d", "--out", "o", "--arms", "DiT"],
+     ["--set", "--use-gpu", "--run-dir", "--storage", "--address", "--verbose"]),
+    ("pipelines.full_run", [], ["--address", "--storage", "--run-dir", "--verbose"]),
+])
+def test_the_options_stages_share_are_defined_once(module, required, flags, capsys, monkeypatch):
+    import importlib
+
+    from pipelines.common import SHARED_OPTIONS, VERBOSE_ENV
+    monkeypatch.setenv(VERBOSE_ENV, "0")            # --verbose sets it for the process; restored after the test
+    parse_args = importlib.import_module(module).parse_args
+    given = {"--set": ["a.b=1", "c.d=2"], "--use-gpu": [], "--run-dir": ["elsewhere"], "--storage": ["/shared/x"],
+             "--address": ["auto"], "--verbose": []}
+    defaults, chosen = vars(parse_args(required)), vars(parse_args(required + [a for f in flags for a in [f, *given[f]]]))
+    for flag in flags:
+        dest = SHARED_OPTIONS[flag].get("dest", flag.lstrip("-").replace("-", "_"))
+        assert defaults[dest] == SHARED_OPTIONS[flag].get("default", False), (module, flag)
+        assert chosen[dest] == (given[flag] if flag == "--set" else given[flag][0] if given[flag] else True)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "options the stages share:" in capsys.readouterr().out
+
+
+def test_a_stage_cannot_give_its_own_help_to_a_shared_option_it_does_not_have():
+    from pipelines.common import shared_options
+    with pytest.raises(TypeError, match="use_gpu"):
+        shared_options("--run-dir", use_gpu="one GPU per run")

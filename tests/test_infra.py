@@ -159,3 +159,38 @@ def test_dependencies_are_declared_as_used():
     assert [sorted(d) for d in imported if not d & declared] == [], "imported but not declared"
     assert declared - set().union(*imported) - set(INDIRECT) == set(), "declared but never imported"
     assert "clean-fid" in test_only and "clean-fid" not in declared          # only the tests use it
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside a function."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+ORCHESTRATORS = {"pipelines/full_run.py", "pipelines/study.py"}
+
+
+def test_layers_only_point_down():
+    """The library knows no pipeline and no Ray; stage modules (pipelines/ but the orchestrators) never import the
+    sweep; the sweep imports only stage modules; only the orchestrators import tuning/ (docs/design.md, Layers)."""
+    root = INFRA.parent
+
+    def layer_imports(path):
+        return {m for m in imports_of(path) if m.split(".")[0] in ("pipelines", "tuning", "ray", "bench")}
+
+    for path in (root / "sddit").rglob("*.py"):
+        assert layer_imports(path) == set(), path
+    for path in (root / "pipelines").glob("*.py"):
+        relative = str(path.relative_to(root))
+        if relative not in ORCHESTRATORS:
+            assert not any(m.startswith("tuning") for m in imports_of(path)), relative
+            assert not any(m in ("pipelines.full_run", "pipelines.study") for m in imports_of(path)), relative
+    for path in (root / "tuning").glob("*.py"):
+        assert not any(m.startswith(("pipelines.full_run", "pipelines.study")) for m in imports_of(path)), path
+    assert not any(m.startswith("tuning") for m in imports_of(root / "pipelines" / "study.py"))

@@ -232,3 +232,19 @@ def test_the_open_gate_is_one_plus_gate_on_the_cls_row_only():
     opened = residual_gate(gate, 1, 5)
     assert opened.shape == (3, 5, 4)
     assert torch.equal(opened[:, 0], 1 + gate) and torch.equal(opened[:, 1:], gate[:, None].expand(3, 4, 4))
+
+
+def test_family_overrides_turn_any_family_into_the_registry_s_family():
+    """Every switch set whatever the family started from; the backbone and the decoder's size are the config's."""
+    from sddit.config import apply_overrides, load_preset
+    from sddit.models.registry import FAMILIES, SWITCH_FIELDS, family_overrides, model_config
+    for start in FAMILIES:
+        registered_start = model_config(f"{start}-S/2")
+        base = apply_overrides(load_preset("demo"), [f"model.name={start}-S/2"] + [
+            f"model.{field}={value}" for field, value in vars(registered_start).items() if field != "name"])
+        for family in FAMILIES:
+            turned = apply_overrides(base, [f"model.name={family}-S/2", *family_overrides(family)]).model
+            registered = model_config(f"{family}-S/2")
+            assert [getattr(turned, f) for f in SWITCH_FIELDS] == [getattr(registered, f) for f in SWITCH_FIELDS]
+            assert turned.decoder_depth == (0 if family == "DiT" else base.model.decoder_depth)
+            assert turned.hidden_size == base.model.hidden_size

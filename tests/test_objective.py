@@ -423,3 +423,70 @@ def test_no_signal_flag_and_the_teacher_probe():
     assert probed["cls_token_std"] == probed["cls_logit_std_null_label"] == 0
     # the same target for every image, whatever the label
     assert probed["target_entropy_cls"] == pytest.approx(probed["target_entropy_cls_null_label"])
+
+
+def test_layersync_and_dispersive_terms_by_hand():
+    import math
+
+    from sddit.objective import dispersive_loss, layersync_loss
+    shallow, deep = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), torch.tensor([[[1.0, 1.0], [0.0, 5.0]]])
+    assert layersync_loss(shallow, deep).item() == pytest.approx(-(2 ** -0.5 + 1) / 2)
+    # two images one unit apart in a 1-d space: the mean of exp(-d) over the 2 x 2 pairs is (2 + 2 / e) / 4
+    z = torch.tensor([[0.0], [1.0]])
+    assert dispersive_loss(z).item() == pytest.approx(math.log((2 + 2 / math.e) / 4))
+    assert dispersive_loss(z, temperature=0.5).item() == pytest.approx(math.log((2 + 2 * math.exp(-2)) / 4))
+    # distances are per flattened dimension: the same pair repeated over 4 token dims gives the same value
+    assert dispersive_loss(z.repeat(1, 4).reshape(2, 2, 2)).item() == pytest.approx(math.log((2 + 2 / math.e) / 4))
+    # identical representations are the worst case (0); spreading them apart lowers it
+    assert dispersive_loss(torch.ones(3, 4)).item() == pytest.approx(0.0, abs=1e-7)
+    assert dispersive_loss(torch.eye(3) * 10).item() < -1.0
+
+
+def self_supervised_config(name="DiT-S/2", **extra):
+    return tiny_config(name, depth=4, layersync_weight=0.2, dispersive_weight=0.25, **extra)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "MaskDiT-S/2", "SD-DiT-S/2"])
+def test_layersync_and_dispersive_add_their_terms_to_every_family(name):
+    config = self_supervised_config(name)
+    assert config.model.layersync_blocks() == (1, 2) and config.model.dispersive_block() == 4   # 8/28, 16/28 of 4
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    x0, y = batch()
+    out = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                        generator=torch.Generator().manual_seed(1))
+    # adaLN-Zero: every block is the identity at init, so the two LayerSync blocks agree exactly
+    assert out.parts["loss_layersync"].item() == pytest.approx(-1.0)
+    assert out.parts["loss_dispersive"].item() < 0
+    others = sum(v for k, v in out.parts.items() if k in ("loss_gen", "loss_cls", "loss_patch"))
+    others = others + (0.1 * out.parts["loss_mae"] if "loss_mae" in out.parts else 0)
+    assert torch.allclose(out.parts["loss"], others + 0.2 * out.parts["loss_layersync"]
+                          + 0.25 * out.parts["loss_dispersive"])
+    # without the switches the terms are absent and the loss is the family's own
+    plain = training_loss(build_from_config(tiny_config(name, depth=4).model), x0, y, diffusion=config.diffusion,
+                          disc=config.disc, teacher_temp=0.09, generator=torch.Generator().manual_seed(1))
+    assert not {"loss_layersync", "loss_dispersive"} & set(plain.parts)
+
+
+@pytest.mark.parametrize("term, blocks", [("layersync", {0}), ("dispersive", {0, 1, 2})])
+def test_self_supervision_gradient_reaches_the_blocks_up_to_its_tap_only(term, blocks):
+    """LayerSync's gradient reaches the shallow block (1 of 4) and what feeds it, not the deep block it is pulled
+    towards; Dispersive Loss's reaches every block up to its tap (3 of 4); neither touches the decoder."""
+    from sddit.diffusion import sample_sigma
+    from sddit.objective import dispersive_loss, layersync_loss
+    config = tiny_config("DiT-S/2", depth=4, layersync_weight=0.2, layersync_shallow=1, layersync_deep=3,
+                         dispersive_weight=0.25, dispersive_depth=3)
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    with torch.no_grad():                                   # nonzero adaLN gates, so every block passes gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x0, y = batch()
+    out = model(x0 + sample_sigma(8) * torch.randn_like(x0), sample_sigma(8), y)
+    value = layersync_loss(out.hidden[1], out.hidden[3]) if term == "layersync" else dispersive_loss(out.hidden[3])
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    reached = {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    assert {int(k.split(".")[4]) for k in reached if k.startswith("denoiser.net.encoder.blocks.")} == blocks
+    assert "denoiser.net.encoder.x_embedder.proj.weight" in reached
+    assert not any(k.startswith("denoiser.net.decoder.") for k in reached)

@@ -97,6 +97,15 @@ def test_resume_mid_warm_up_is_bitwise_exact_and_the_logged_lr_follows_the_warm_
         {2: lr * 2 / 6, 4: lr * 4 / 6, 6: lr, 8: lr})
 
 
+def test_layersync_and_dispersive_runs_resume_bitwise_exactly_and_log_their_terms(dataset, preset, tmp_path):
+    config = apply_overrides(load_preset(preset), ["model.layersync_weight=0.2", "model.dispersive_weight=0.25"])
+    final = resumes_bitwise_exactly(config, dataset, tmp_path, crash_at=4)
+    assert final["config"].model.layersync_weight == 0.2 and final["config"].model.dispersive_weight == 0.25
+    hooks = RecordMetrics(tmp_path / "logged")
+    train_loop(copy.deepcopy(config), dataset, hooks=hooks)
+    assert all(-1 <= m["loss_layersync"] <= 1 and m["loss_dispersive"] <= 0 for m in hooks.metrics.values())
+
+
 def test_a_checkpoint_from_before_cls_gate_loads_with_the_gate_it_was_trained_with(dataset, preset, tmp_path):
     hooks = LocalHooks(tmp_path, verbose=False)
     train_loop(load_preset(preset), dataset, hooks=hooks)

@@ -103,7 +103,7 @@ def test_the_driver_ends_a_trial_run_by_how_the_trial_ended(tmp_path):
 
     from pipelines.tracking import tracking_uri, use_store
     from pipelines.train import find_or_create_run
-    from tuning.sweep import trial_runs_callback
+    from pipelines.trials import trial_runs_callback
     uri = tracking_uri(tmp_path)
     experiment_id = use_store(uri).experiment_id
     client = MlflowClient(uri)
@@ -161,7 +161,7 @@ def test_a_trial_rerun_after_its_training_finished_still_reports_its_metric(swee
 
     from pipelines.tracking import tracking_uri, use_store
     from sddit.config import load_preset
-    from tuning.sweep import trial_trainable
+    from pipelines.trials import trial_trainable
     root, data, _ = sweep
     uri = tracking_uri(tmp_path / "runs")
     context = {"base_config": load_preset(root / "tiny.yaml").to_dict(), "data": str(data),

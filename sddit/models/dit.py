@@ -209,19 +209,19 @@ class Encoder(nn.Module):
             c = c + self.y_embedder(y)
         return c                                            # [N, D]
 
-    def forward(self, x, t, y, ids_keep=None, tap_depth=None):
+    def forward(self, x, t, y, ids_keep=None, taps=()):
         """x: [N, C, H, W] -> (tokens [N, extra + K, D], c [N, D], all embedded patches [N, L, D],
-        the patch tokens after `tap_depth` blocks [N, K, D] or None)."""
+        {depth: the patch tokens after that many blocks [N, K, D]} for each depth in `taps`)."""
         patches = self.x_embedder(x) + self.pos_embed       # [N, L, D]
         c = self.condition(t, y)
         h = patches if ids_keep is None else gather_tokens(patches, ids_keep)  # [N, K, D]
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
-        tapped = None
+        tapped = {}
         for depth, block in enumerate(self.blocks, start=1):
             h = block(h, c, self.open_tokens)
-            if depth == tap_depth:
-                tapped = h[:, self.num_extra_tokens:]
+            if depth in taps:
+                tapped[depth] = h[:, self.num_extra_tokens:]
         return h, c, patches, tapped
 
 
@@ -292,10 +292,10 @@ class Backbone(nn.Module):
         x = x.reshape(x.shape[0], side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, side * p, side * p)
 
-    def forward(self, x, t, y=None, ids_keep=None, tap_depth=None):
+    def forward(self, x, t, y=None, ids_keep=None, taps=()):
         """F(c_in x, c_noise, y) -> (prediction [N, C_out, H, W], encoder tokens [N, extra + K, D],
-        the encoder's patch tokens after `tap_depth` blocks [N, K, D] or None)."""
-        tokens, c, patches, tapped = self.encoder(x, t, y, ids_keep, tap_depth)
+        {depth: the encoder's patch tokens after that many blocks [N, K, D]} for each depth in `taps`)."""
+        tokens, c, patches, tapped = self.encoder(x, t, y, ids_keep, taps)
         out = self.decoder(tokens[:, self.encoder.num_extra_tokens:], c, patches, ids_keep)
         return self.unpatchify(out), tokens, tapped
 

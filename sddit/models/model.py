@@ -22,6 +22,8 @@ class StudentOutput(NamedTuple):
     denoised: torch.Tensor                  # D(x) [N, C, H, W]
     logits: torch.Tensor | None             # head on CLS + visible tokens [N, 1 + K, out], if discriminative
     aligned: torch.Tensor | None = None     # projected visible tokens at the REPA tap [N, K, feature dim], if REPA
+    hidden: dict[int, torch.Tensor] | None = None   # {depth: visible patch tokens after that block [N, K, D]}, the
+                                            # depths the self-supervision terms read (ModelConfig.tapped_depths)
 
 
 class Projector(nn.Module):
@@ -77,8 +79,7 @@ class DiffusionModel(nn.Module):
 
     def forward(self, x, sigma, labels=None, ids_keep=None) -> StudentOutput:
         """The student's training pass (what DDP wraps); sampling uses `denoiser` directly."""
-        tap_depth = self.config.repa_depth if self.projector is not None else None
-        denoised, tokens, tapped = self.denoiser.denoise(x, sigma, labels, ids_keep, tap_depth=tap_depth)
+        denoised, tokens, hidden = self.denoiser.denoise(x, sigma, labels, ids_keep, taps=self.config.tapped_depths())
         logits = self.head(tokens) if self.head is not None else None
-        aligned = self.projector(tapped) if self.projector is not None else None
-        return StudentOutput(denoised, logits, aligned)
+        aligned = self.projector(hidden[self.config.repa_depth]) if self.projector is not None else None
+        return StudentOutput(denoised, logits, aligned, hidden)

@@ -56,6 +56,17 @@ class ModelConfig:
     repa_projector_size: int = 2048       # hidden width of the 3-layer SiLU MLP projector
     repa_encoder: str = "timm:vit_base_patch14_dinov2"   # the dataset's features must come from this encoder
     repa_feature_dim: int = 768           # filled from the dataset's features
+    # LayerSync (Haghighi et al. 2025): a shallow block's patch tokens pulled towards a deeper block's (a fixed
+    # target: no gradient through it) by cosine, in the same forward; no parameters. 0 for a depth: the
+    # reference's blocks 8 and 16 of SiT-XL's 28, scaled to this depth
+    layersync_weight: float = 0.0         # the reference's 0.2
+    layersync_shallow: int = 0
+    layersync_deep: int = 0
+    # Dispersive Loss (Wang & He 2025, InfoNCE-L2): the batch's flattened patch tokens after one block pushed
+    # apart, no positive pairs, no parameters
+    dispersive_weight: float = 0.0        # the reference training script's 0.25
+    dispersive_depth: int = 0             # 0: the last encoder block (the reference's)
+    dispersive_temp: float = 1.0          # the reference's: none (1)
 
     def validate(self) -> "ModelConfig":
         def need(ok: bool, field: str, message: str):
@@ -97,7 +108,35 @@ class ModelConfig:
                  f"must be in 1..depth ({self.depth}) to tap the encoder, got {self.repa_depth}")
             for field in ("repa_projector_size", "repa_feature_dim"):
                 need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+        need(self.layersync_weight >= 0, "layersync_weight", f"must be >= 0, got {self.layersync_weight}")
+        if self.layersync_weight > 0:
+            shallow, deep = self.layersync_blocks()
+            need(1 <= shallow < deep <= self.depth, "layersync_deep",
+                 f"needs 1 <= layersync_shallow < layersync_deep <= depth ({self.depth}), got {shallow} and {deep}")
+        need(self.dispersive_weight >= 0, "dispersive_weight", f"must be >= 0, got {self.dispersive_weight}")
+        need(0 <= self.dispersive_depth <= self.depth, "dispersive_depth",
+             f"must be in 0..depth ({self.depth}; 0: the last block), got {self.dispersive_depth}")
+        need(self.dispersive_temp > 0, "dispersive_temp", f"must be > 0, got {self.dispersive_temp}")
         return self
+
+    def layersync_blocks(self) -> tuple[int, int]:
+        """(shallow, deep) block depths of LayerSync's pair; an unset one scaled from the reference's 8 / 16 of 28."""
+        return (self.layersync_shallow or max(1, round(self.depth * 8 / 28)),
+                self.layersync_deep or max(2, round(self.depth * 16 / 28)))
+
+    def dispersive_block(self) -> int:
+        return self.dispersive_depth or self.depth
+
+    def tapped_depths(self) -> tuple[int, ...]:
+        """The encoder depths whose patch tokens a training loss term reads (REPA, LayerSync, Dispersive)."""
+        taps = set()
+        if self.repa_weight > 0:
+            taps.add(self.repa_depth)
+        if self.layersync_weight > 0:
+            taps.update(self.layersync_blocks())
+        if self.dispersive_weight > 0:
+            taps.add(self.dispersive_block())
+        return tuple(sorted(taps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +150,15 @@ SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 LIGHT_DECODER = dict(decoder_depth=8, decoder_hidden_size=512, decoder_num_heads=16)
-FAMILIES = {
+# What makes a family: its values of the switches; a family not named sets the field's default
+SWITCHES = {
     "DiT": dict(),
-    "MaskDiT": dict(mask_ratio=0.5, mask_token=True, mae_weight=0.1, **LIGHT_DECODER),
-    "SD-DiT": dict(mask_ratio=0.2, cls_token=True, disc_weight=1.0, **LIGHT_DECODER),
+    "MaskDiT": dict(mask_ratio=0.5, mask_token=True, mae_weight=0.1),
+    "SD-DiT": dict(mask_ratio=0.2, cls_token=True, disc_weight=1.0),
 }
+SWITCH_FIELDS = ("mask_ratio", "mask_token", "mae_weight", "cls_token", "disc_weight", "repa_weight",
+                 "layersync_weight", "dispersive_weight")
+FAMILIES = {family: {**switches, **(LIGHT_DECODER if switches else {})} for family, switches in SWITCHES.items()}
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in FAMILIES for size in SIZES for patch in PATCH_SIZES)
 _NAME = re.compile(r"^(DiT|MaskDiT|SD-DiT)-(S|B|L|XL)/(2|4|8)$")
@@ -148,3 +191,17 @@ def model_config(name: str, **overrides) -> ModelConfig:
             raise ConfigError(f"model.{key}", f"unknown field; known fields: {', '.join(sorted(known))}")
     fields = {**SIZES[size], **FAMILIES[family], "patch_size": patch, **overrides}
     return ModelConfig(name=name, **fields).validate()
+
+
+def family_overrides(family: str) -> list[str]:
+    """`SECTION.FIELD=VALUE` overrides that turn any config into `family`, every switch set explicitly (so the
+    result does not depend on the family it started from); width, depth, head and the decoder's size are kept,
+    a family without a decoder drops it. The study's arms are built on these."""
+    if family not in SWITCHES:
+        raise ConfigError("model.name", f"unknown family {family!r}; expected one of {', '.join(SWITCHES)}")
+    defaults = ModelConfig()
+    values = {field: SWITCHES[family].get(field, getattr(defaults, field)) for field in SWITCH_FIELDS}
+    if "decoder_depth" not in FAMILIES[family]:
+        values["decoder_depth"] = 0
+    return [f"model.{field}={str(value).lower() if isinstance(value, bool) else value}"
+            for field, value in values.items()]
