@@ -18,7 +18,9 @@ import torch
 
 from sddit.checkpoint import generator_of, load_checkpoint
 from sddit.codecs import make_codec
-from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
+from sddit.evaluation import compute_metrics
+from sddit.reference import load_reference, make_extractor
+from sddit.sampling import SamplingPlan, sample_batch
 
 
 def named(text: str) -> tuple[str, str]:

@@ -19,8 +19,9 @@ import torch
 
 from sddit.config import apply_overrides, load_preset
 from sddit.data import Manifest
-from sddit.evaluation import (SamplingPlan, compute_metrics, dataset_codec, load_reference,
-                              make_extractor, sample_batch)
+from sddit.evaluation import compute_metrics
+from sddit.reference import dataset_codec, load_reference, make_extractor
+from sddit.sampling import SamplingPlan, sample_batch
 from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop
 from pipelines.common import shared_options
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sddit.codecs import DEFAULT_VAE, make_codec
-from sddit.data import list_image_folder, load_image
+from sddit.image_folder import list_image_folder, load_image
 
 
 def plain_loop(root: Path, items, codec, resolution: int, batch_size: int) -> float:

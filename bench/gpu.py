@@ -21,8 +21,8 @@ import torch
 from bench.step_time import FAMILIES, count_flops_and_activations, device_name, measure_training, synchronize
 
 from sddit.diffusion import edm_sample
-from sddit.evaluation import SamplingPlan, sampling_network
 from sddit.models import build
+from sddit.sampling import SamplingPlan, sampling_network
 
 
 def matmul_tflops(device, size: int, dtype, repeats: int = 20) -> float:

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
 
     from pipelines import encode, evaluate, train
     from sddit.checkpoint import load_checkpoint
-    from sddit.evaluation import reference_from_npz
+    from sddit.reference import reference_from_npz
     from sddit.extractors import InceptionExtractor
     from sddit.loader import LatentLoader
     from bench.synthetic_images import write_images

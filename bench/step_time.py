@@ -9,7 +9,7 @@ the token grid, REPA's tap depth for the size), and the cost of the term is repo
     python bench/step_time.py --size S/2 --batch-size 8 --steps 5          # CPU
     python bench/step_time.py --size S/2 --batch-size 256 --device cuda    # GPU
     python bench/step_time.py --size B/2 --batch-size 8 --repa             # the REPA term's cost
-    python bench/step_time.py --size S/2 --batch-size 8 --self-supervision # LayerSync's, Dispersive Loss's
+    python bench/step_time.py --size S/2 --batch-size 8 --self-supervision # LayerSync's, Dispersive Loss's, SRA's
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
 REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size
 REPA_FEATURES = 768                                          # DINOv2 ViT-B/14
 # the study's self-supervision switches, at their references' weights (blocks from the model's depth)
-SELF_SUPERVISION = {"layersync": dict(layersync_weight=0.2), "dispersive": dict(dispersive_weight=0.25)}
+SELF_SUPERVISION = {"layersync": dict(layersync_weight=0.2), "dispersive": dict(dispersive_weight=0.25),
+                    "sra": dict(sra_weight=0.2)}
 
 
 def synchronize(device):

@@ -60,9 +60,12 @@ def shared_options(*flags: str, **helps: str) -> argparse.ArgumentParser:
 
 
 def train_logging():
-    """Ray Train's console log level: its per-report INFO lines only when verbose."""
+    """Ray Train's console log level: its per-report INFO lines and its warnings only when verbose, errors always.
+    Its warnings include one with a traceback whenever its controller's resource request to the autoscaling
+    coordinator (an actor that only matters to an autoscaling cluster) waits over 5 s, which a busy machine
+    makes happen and which changes nothing for the run (docs/troubleshooting.md)."""
     from ray.train import LoggingConfig
-    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+    return LoggingConfig(log_level="INFO" if verbose() else "ERROR")
 
 
 def quiet_ray_data_console() -> None:
@@ -99,6 +102,11 @@ def init_ray(address: str | None = None, **kwargs):
         # The Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s to be
         # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Ray Train's state actor checks every 30 s, through Ray's state API, whether each run's controller is
+        # still alive. That API finds "the" local cluster by itself, and with a second local runtime on the
+        # machine (two of our commands at once) it finds two and fails; a local runtime's controllers end with
+        # its driver anyway, so there is nothing for the check to find.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
         # Ray enables token authentication for a new local runtime and says so at every start: that notice
         # only with --verbose (setting RAY_AUTH_MODE here instead would come too late for this process)
         if not verbose():
@@ -190,5 +198,5 @@ def run_cli(stage: str, main) -> None:
     except (UserError, FileNotFoundError) as error:      # each names what is wrong; a Ray task's arrives wrapped
         sys.exit(f"{stage}: {getattr(error, 'cause', None) or error}")
     # The work is done and written. The interpreter's last garbage collection would walk every object torch,
-    # Ray and MLflow made (about 2 s of a demo's exit); frozen objects are left to the operating system.
+    # Ray and MLflow made, seconds of a demo's exit; frozen objects are left to the operating system.
     gc.freeze()

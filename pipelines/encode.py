@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from sddit import code_version
 from sddit.codecs import DEFAULT_VAE, make_codec
-from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest,
-                        find_class_names, file_sha256, list_image_folder, load_image, read_shard_metadata,
-                        shard_name, shard_schema, shard_table, tensor_spec, write_shard)
+from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest, file_sha256,
+                        read_shard_metadata, shard_name, shard_schema, shard_table, tensor_spec, write_shard)
+from sddit.image_folder import find_class_names, list_image_folder, load_image
 from pipelines.common import (Progress, init_ray, quiet_ray_data_console, run_cli, set_verbose,
                               shared_options)
 
@@ -220,6 +220,7 @@ def plan(items: list, rows_per_shard: int, flip: bool) -> list[dict]:
 
 
 def encode(args) -> Manifest:
+    started = time.time()
     out = Path(args.out)
     root = Path(args.data)
     # fail before any cluster work: the VAE and the REPA encoder must load, the input and output must be usable
@@ -300,13 +301,15 @@ def encode(args) -> Manifest:
         skipped=skipped, conversions=conversions, code_version=code_version(), features=features,
     )
     manifest.write(out)
-    log_run(args, manifest, codec, images_done=len(todo), seconds=seconds, bytes_written=writer.bytes)
+    log_run(args, manifest, codec, images_done=len(todo), seconds=seconds, bytes_written=writer.bytes,
+            started=started)
     print(f"encode: wrote {manifest.num_rows} rows in {num_shards} shards to {out} "
           f"({len(todo)} images in {seconds:.1f} s; {len(skipped)} skipped, listed in {out / MANIFEST})", flush=True)
     return manifest
 
 
-def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float, bytes_written: int) -> None:
+def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float, bytes_written: int,
+            started: float) -> None:
     """The stage's MLflow run: parameters, throughput, skips, and decoded samples from the shards."""
     import mlflow
 
@@ -315,7 +318,7 @@ def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float
     # parameters say which dataset this is (a rerun that finds it done continues the same run); what this
     # invocation did goes into the metrics
     params = {**asdict(manifest.settings), "num_classes": manifest.num_classes, "code_version": manifest.code_version}
-    with stage_run("encode", args.run_dir, params=params):
+    with stage_run("encode", args.run_dir, params=params, started=started):
         total_bytes = sum((Path(args.out) / s["file"]).stat().st_size for s in manifest.shards)
         mlflow.log_metrics({"rows": manifest.num_rows, "skipped": len(manifest.skipped), "images_encoded_this_run": images_done,
                             "images_per_s": images_done / seconds if seconds > 0 else 0.0,

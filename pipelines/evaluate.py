@@ -30,11 +30,12 @@ import torch
 from sddit import code_version
 from sddit.checkpoint import load_checkpoint, load_generator, resolve
 from sddit.codecs import make_codec
-from sddit.evaluation import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan,
-                              assemble_samples, check_protocol, compute_metrics, finished_batches,
-                              iter_sample_batches, load_reference, make_extractor, sample_batch,
-                              sampling_network, write_batch)
+from sddit.evaluation import compute_metrics
 from sddit.extractors import WEIGHTS_ENV
+from sddit.reference import load_reference, make_extractor
+from sddit.sampling import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,
+                            check_protocol, finished_batches, iter_sample_batches, sample_batch, sampling_network,
+                            write_batch)
 from pipelines.common import Progress, init_ray, run_cli, set_verbose, shared_options
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
@@ -237,6 +238,7 @@ def write_pngs(out: Path, plan: SamplingPlan) -> Path:
 def evaluate(args, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
     """(metrics, the output directory) of one evaluation. `keep_actors`: leave the sampling actors up for the
     caller's next evaluation (then call `release_sampling_actors` when done)."""
+    started = time.time()
     checkpoint = resolve(args.checkpoint).resolve()
     payload = load_checkpoint(checkpoint)
     config, step, dataset = payload["config"], payload["step"], payload.get("dataset") or {}
@@ -303,14 +305,15 @@ def evaluate(args, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
         (out / "sampling.json").write_text(json.dumps(
             {"images": sampled_images, "seconds": sampling_seconds, "images_per_s": sampled_images / sampling_seconds,
              "precision": plan.precision, "compile": plan.compile}, indent=2))
-    log_run(args, params, metrics, out, plan, step=int(step), sampled_images=sampled_images, seconds=sampling_seconds)
+    log_run(args, params, metrics, out, plan, step=int(step), sampled_images=sampled_images, seconds=sampling_seconds,
+            started=started)
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f" (in {out / 'metrics.json'})",
           flush=True)
     return metrics, out
 
 
 def log_run(args, params: dict, metrics: dict, out: Path, plan: SamplingPlan, *, step: int, sampled_images: int,
-            seconds: float) -> None:
+            seconds: float, started: float) -> None:
     """The stage's MLflow run: the exact protocol as params, metrics at the checkpoint's training step, a grid."""
     import mlflow
 
@@ -325,7 +328,7 @@ def log_run(args, params: dict, metrics: dict, out: Path, plan: SamplingPlan, *,
         if sum(map(len, first)) >= 8 * nrow:
             break
     first = np.concatenate(first)[:8 * nrow]
-    with stage_run("evaluate", args.run_dir, params=params):
+    with stage_run("evaluate", args.run_dir, params=params, started=started):
         mlflow.log_metrics(metrics, step=step)
         if sampled_images:                  # a rerun that only recomputes metrics has no sampling speed
             mlflow.log_metric("sampling_images_per_s", sampled_images / max(seconds, 1e-9))

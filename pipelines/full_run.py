@@ -232,8 +232,8 @@ def main(argv=None) -> dict:
     params = {"preset": args.preset, "stages": args.stages, "cluster": args.cluster, "data": str(plan.images),
               "storage": str(plan.storage)}
     tags = {"sddit.stage": "pipeline", "sddit.pipeline_key": params_key(params)}
-    # Starting a local Ray runtime is mostly waiting for its processes (3-4 s); the MLflow store and the
-    # stages' imports happen meanwhile (the demo's first stage started about 2 s sooner)
+    # Starting a local Ray runtime is mostly waiting for its processes; the MLflow store and the stages'
+    # imports happen meanwhile
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as pool:
         setup = pool.submit(open_store, plan.run_dir, tags)
         ray = init_ray((args.address or "auto") if args.cluster else None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sddit.data import DataError, Manifest
-from sddit.evaluation import dataset_codec, dataset_images
+from sddit.reference import dataset_codec, dataset_images
 from sddit.representations import LOCAL_VIT, load_external_encoder, save_local_vit, train_local_vit
 from pipelines.common import run_cli
 

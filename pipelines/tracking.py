@@ -71,13 +71,16 @@ def unfinished_run(tags: dict[str, str]):
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, parent_run_id: str | None = None):
+def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, parent_run_id: str | None = None,
+              started: float | None = None):
     """An MLflow run for one stage; a child of `parent_run_id` (or $SDDIT_PARENT_RUN_ID) if given. Under a
     parent, the same stage with the same parameters continues its earlier child, so a pipeline run that is
-    continued after an interruption does not list a stage twice."""
+    continued after an interruption does not list a stage twice. `started` (time.time() when the stage
+    began) is the run's start time: a stage logs once its work is done, and the UI's Duration should be the
+    stage's wall time, not the time its logging took."""
     import mlflow
 
-    use_store(tracking_uri(run_dir))
+    experiment = use_store(tracking_uri(run_dir))
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     params = {key: str(value)[:500] for key, value in (params or {}).items()}
     tags = {"sddit.stage": stage, "sddit.stage_key": params_key(params)}
@@ -87,6 +90,12 @@ def stage_run(stage: str, run_dir: str | Path, *, params: dict | None = None, pa
                                      output_format="list", max_results=1)
     if earlier:
         context = mlflow.start_run(run_id=earlier[0].info.run_id, nested=mlflow.active_run() is not None)
+    elif started is not None:
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        created = mlflow.MlflowClient().create_run(experiment.experiment_id, start_time=int(started * 1000),
+                                                   tags=tags, run_name=stage)
+        context = mlflow.start_run(run_id=created.info.run_id, nested=mlflow.active_run() is not None)
     else:
         context = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags)
     with context as run:

@@ -135,7 +135,9 @@ class RayHooks:
         against the held-out dataset in proxy["reference"]."""
         if not self.proxy:
             return {}
-        from sddit.evaluation import SamplingPlan, compute_metrics, load_reference, make_extractor, sample_batch
+        from sddit.evaluation import compute_metrics
+        from sddit.reference import load_reference, make_extractor
+        from sddit.sampling import SamplingPlan, sample_batch
         device = next(ema.parameters()).device
         if self._judge is None:
             # the judge and its reference statistics: the training dataset's, or a held-out dataset's

@@ -33,7 +33,7 @@ def run_trial(trial: dict, context: dict) -> None:
     name = trial_name(context, trial, tune.get_context().get_trial_id())
     config = apply_overrides(config_from_dict(context["base_config"]), overrides)
     # the trial's MLflow run is found or created by its rank-0 worker, which loads MLflow anyway, and ended by
-    # the driver (TrialRuns): loading MLflow here too cost each trial ~1.6 CPU-s before its workers started
+    # the driver (TrialRuns): loading MLflow here too would delay each trial's workers by its import
     mlflow_run = {"experiment_id": context["experiment_id"], "name": name, "params": {**config.flat(), **tagged},
                   "parent_run_id": context["sweep_run_id"]}
     trainer = torch_trainer(
@@ -127,7 +127,7 @@ def prepare_judge(extractor: str, judge_dir) -> dict:
     identifies the judge: FIDs compare only between samples scored by the same network."""
     if extractor != "domain":
         return {"extractor": extractor}
-    from sddit.evaluation import load_reference, make_extractor
+    from sddit.reference import load_reference, make_extractor
     judge = make_extractor("domain", dataset_dir=judge_dir)
     load_reference(None, judge, dataset_dir=judge_dir)
     return {"extractor": extractor, "weights_sha256": judge.weights_checksum, "held_out_accuracy": judge.accuracy}

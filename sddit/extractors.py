@@ -72,8 +72,7 @@ def _full_float32():
 @contextlib.contextmanager
 def _one_cpu_thread(device):
     # The domain net's ops are far too small for intra-op parallelism to pay, and OpenMP's spinning threads
-    # collapse when cores are shared (Ray workers, other jobs): on a busy 2-core machine its training took
-    # 49 s with 2 threads and 0.7 s with 1.
+    # collapse when cores are shared (Ray workers, other jobs): docs/performance.md, "Figures behind the code"
     if torch.device(device).type != "cpu":
         yield
         return
@@ -272,7 +271,8 @@ class DomainExtractor:
         y = torch.from_numpy(labels)
         train_idx = torch.from_numpy(np.flatnonzero(~test))
         batch = min(64, len(train_idx))
-        # ~30 epochs within [150, 1000] steps: on the demo digits ~10 s on 2 CPU cores, 98.6% held-out accuracy
+        # ~30 epochs, within [150, 1000] steps: enough for a judge that recognises the classes, short enough
+        # to train on first use
         steps = int(np.clip(30 * math.ceil(len(train_idx) / batch), 150, 1000))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -2,7 +2,7 @@
 
 `training_loss` is the single place where DiT, MaskDiT and SD-DiT differ at training time, and
 only through the model's configuration (mask ratio, mask token, MAE weight, discriminative weight,
-REPA, LayerSync and Dispersive weights).
+REPA, LayerSync, Dispersive and SRA weights).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class LossOutput:
     loss: torch.Tensor                      # scalar to backpropagate
     parts: dict[str, torch.Tensor]          # detached scalars for logging: loss_gen, loss_mae, loss_cls, loss_patch,
                                             # target_entropy_{cls,patch}, agreement_{cls,patch},
-                                            # teacher_cls_{token,logit}_std, loss_{repa,layersync,dispersive}
+                                            # teacher_cls_{token,logit}_std, loss_{repa,layersync,dispersive,sra},
+                                            # sra_cosine
     teacher_cls: torch.Tensor | None = None    # detached teacher logits, for the centre update after the step
     teacher_patch: torch.Tensor | None = None
 
@@ -90,6 +91,25 @@ def dispersive_loss(z, temperature: float = 1.0):            # z: [N, ...]
     return torch.logsumexp(exponents, dim=0) - 2 * math.log(n)
 
 
+def sra_teacher_sigma(sigma, shift: float, *, sigma_min: float = 0.002, generator=None):
+    """SRA's lower noise level for the teacher, in EDM's terms. SRA draws the teacher's time as t - U(0, shift)
+    on the linear path x_t = (1 - t) x0 + t n, whose noise-to-signal ratio is sigma = t / (1 - t); so t = sigma /
+    (1 + sigma), shifted, kept at EDM's sigma_min at least (t = 0 would be no noise at all; a student already
+    below it keeps its own level) and mapped back."""
+    t = sigma / (1 + sigma)
+    floor = torch.minimum(t, torch.full_like(t, sigma_min / (1 + sigma_min)))
+    t = torch.maximum(t - shift * torch.rand(sigma.shape, device=sigma.device, generator=generator), floor)
+    return t / (1 - t)
+
+
+def sra_loss(regressed, target, kind: str = "smooth_l1"):  # [N, K, D] each; the target carries no gradient
+    """SRA's term: the student's head output against the teacher's tokens, smooth L1 (beta 0.05) or 1 - cos."""
+    regressed, target = regressed.float(), target.detach().float()
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(regressed, target, dim=-1).mean()
+    return F.smooth_l1_loss(regressed, target, beta=0.05)
+
+
 def between_image_std(x):                                  # x: [N, D]
     """Standard deviation over the batch's images, averaged over channels: 0 when every image gets the same vector."""
     return x.float().std(dim=0).mean()
@@ -97,10 +117,10 @@ def between_image_std(x):                                  # x: [N, D]
 
 def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: DiscriminationConfig,
                   teacher_temp: float, generator: torch.Generator | None = None, features=None,
-                  mask_ratio: float | None = None) -> LossOutput:
+                  mask_ratio: float | None = None, generation_ema=None) -> LossOutput:
     """x0: clean latents [N, C, H, W]; labels: [N] int64 (ignored for unconditional models); features: the
     external encoder's features of the clean images [N, T, D] (REPA only); mask_ratio: this step's, when a
-    schedule changes it (None: the model's)."""
+    schedule changes it (None: the model's); generation_ema: the EMA denoiser, SRA's teacher (SRA only)."""
     net = unwrap(model)
     cfg = net.config
     mask_ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
@@ -182,6 +202,22 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
     if cfg.dispersive_weight > 0:
         parts["loss_dispersive"] = dispersive_loss(out.hidden[cfg.dispersive_block()], cfg.dispersive_temp)
         loss = loss + cfg.dispersive_weight * parts["loss_dispersive"]
+
+    # SRA: the student's early tokens regress the generation EMA's later tokens at a lower noise level
+    if net.sra_head is not None:
+        if generation_ema is None:
+            raise ValueError("model.sra_weight > 0 needs the generation EMA, SRA's teacher")
+        with torch.no_grad():
+            s_sigma = sra_teacher_sigma(sigma, cfg.sra_time_shift, generator=generator)
+            _, _, c_in, c_noise = edm_coefficients(s_sigma, cfg.sigma_data)
+            depth = cfg.sra_blocks()[1]
+            target = generation_ema.net.encoder(c_in * (x0 + s_sigma * n), c_noise.flatten(), labels,
+                                                taps=(depth,))[3][depth]                    # [N, L, D]
+            if ids_keep is not None:
+                target = gather_tokens(target, ids_keep)
+        parts["loss_sra"] = sra_loss(out.regressed, target, cfg.sra_loss)
+        parts["sra_cosine"] = F.cosine_similarity(out.regressed.detach().float(), target.float(), dim=-1).mean()
+        loss = loss + cfg.sra_weight * parts["loss_sra"]
 
     parts = {key: value.detach() for key, value in parts.items()}
     parts["loss"] = loss.detach()

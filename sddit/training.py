@@ -61,7 +61,7 @@ def train_step(model, optimizer, generation_ema, x0, labels, *, step: int, confi
     with autocast(config, x0.device):
         out = training_loss(model, x0, labels, diffusion=config.diffusion, disc=config.disc,
                             teacher_temp=float(schedules.teacher_temp[step]), generator=generator, features=features,
-                            mask_ratio=float(schedules.mask_ratio[step]))
+                            mask_ratio=float(schedules.mask_ratio[step]), generation_ema=generation_ema)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
 

@@ -43,6 +43,12 @@ def image_tree(tmp_path_factory):
     return root, make_image_tree(root)
 
 
+@pytest.fixture(scope="module")
+def mlflow_dir(tmp_path_factory):
+    """A module's own MLflow store directory (the stages' --run-dir)."""
+    return tmp_path_factory.mktemp("mlruns")
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory):
     from tests.fixtures import make_tiny_vae

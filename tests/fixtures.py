@@ -1,4 +1,4 @@
-"""Offline stand-ins: a generated ImageNet-layout tree with bad files, and a tiny AutoencoderKL."""
+"""Offline stand-ins: a generated ImageNet-layout tree with bad files, a tiny AutoencoderKL, a tiny preset."""
 from __future__ import annotations
 
 import io
@@ -8,6 +8,16 @@ import numpy as np
 from PIL import Image
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
+# a preset whose SD-DiT trains 8 steps on the 8 px pixel datasets in seconds (a pipeline test's --preset)
+TINY = {
+    "model": {"name": "SD-DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1,
+              "decoder_hidden_size": 16, "decoder_num_heads": 2, "head_hidden_size": 32,
+              "head_bottleneck_size": 16, "head_out_size": 64},
+    "optim": {"batch_size": 8, "lr": 1.0e-3},
+    "disc": {"teacher_temp_warmup_steps": 4},
+    "train": {"steps": 8, "log_every": 2, "sample_every": 4, "checkpoint_every": 3, "max_bad_steps": 3},
+    "data": {"codec": "pixel", "resolution": 8},
+}
 GOOD_PER_CLASS = 6
 
 

@@ -11,12 +11,17 @@ from sddit import code_version
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_step_time_bench_writes_a_record(tmp_path):
+def tiny_step_time(tmp_path, *flags) -> dict:
+    """The record bench/step_time.py appends for S/8 models on 16 x 16 latents, 2 images, one timed step."""
     out = tmp_path / "step_time.jsonl"
     subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
-                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)],
-                   check=True, capture_output=True)
-    record = json.loads(out.read_text().splitlines()[-1])
+                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", *flags,
+                    "--out", str(out)], check=True, capture_output=True)
+    return json.loads(out.read_text().splitlines()[-1])
+
+
+def test_step_time_bench_writes_a_record(tmp_path):
+    record = tiny_step_time(tmp_path)
     assert [row["model"] for row in record["rows"]] == ["DiT-S/8", "MaskDiT-S/8", "SD-DiT-S/8"]
     dit, maskdit, sddit = record["rows"]
     assert 0 < dit["gflops_per_image"] < sddit["gflops_per_image"]
@@ -43,11 +48,7 @@ def test_gpu_bench_runs_on_cpu_and_writes_json_and_markdown(tmp_path):
 
 
 def test_step_time_bench_times_the_repa_term(tmp_path):
-    out = tmp_path / "step_time.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
-                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--repa",
-                    "--out", str(out)], check=True, capture_output=True)
-    record = json.loads(out.read_text().splitlines()[-1])
+    record = tiny_step_time(tmp_path, "--repa")
     assert [row["model"] for row in record["rows"]] == ["DiT-S/8", "DiT-S/8 + REPA", "MaskDiT-S/8",
                                                         "MaskDiT-S/8 + REPA", "SD-DiT-S/8", "SD-DiT-S/8 + REPA"]
     for base, repa in zip(record["rows"][0::2], record["rows"][1::2]):
@@ -57,18 +58,17 @@ def test_step_time_bench_times_the_repa_term(tmp_path):
 
 
 def test_step_time_bench_times_the_self_supervision_terms_beside_dit(tmp_path):
-    out = tmp_path / "step_time.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
-                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--self-supervision",
-                    "--out", str(out)], check=True, capture_output=True)
-    record = json.loads(out.read_text().splitlines()[-1])
+    record = tiny_step_time(tmp_path, "--self-supervision")
     rows = {row["model"]: row for row in record["rows"]}
-    assert {"DiT-S/8 + layersync", "DiT-S/8 + dispersive"} <= set(rows)
+    assert {"DiT-S/8 + layersync", "DiT-S/8 + dispersive", "DiT-S/8 + sra"} <= set(rows)
+    dit = rows["DiT-S/8"]
     for term in ("layersync", "dispersive"):            # no parameters, a few more FLOPs
         row = rows[f"DiT-S/8 + {term}"]
-        assert row["student_params_m"] == rows["DiT-S/8"]["student_params_m"]
-        assert row["gflops_per_image"] >= rows["DiT-S/8"]["gflops_per_image"] and row["loss_finite"]
-    assert set(record["term_over_dit_step_time"]) == {"layersync", "dispersive"}
+        assert row["student_params_m"] == dit["student_params_m"]
+        assert row["gflops_per_image"] >= dit["gflops_per_image"] and row["loss_finite"]
+    sra = rows["DiT-S/8 + sra"]                           # its head, and a teacher forward of the EMA's encoder
+    assert sra["student_params_m"] > dit["student_params_m"] and sra["gflops_per_image"] > dit["gflops_per_image"]
+    assert set(record["term_over_dit_step_time"]) == {"layersync", "dispersive", "sra"}
 
 
 def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):

@@ -109,7 +109,7 @@ def test_every_user_error_shares_one_base_that_the_command_line_prints_as_one_li
     from pipelines.common import run_cli
     from sddit.errors import UserError
     modules = ["sddit.checkpoint", "sddit.codecs", "sddit.data", "sddit.errors", "sddit.evaluation",
-               "sddit.extractors", "sddit.representations", "pipelines.demo_data"]
+               "sddit.extractors", "sddit.representations", "sddit.sampling", "pipelines.demo_data"]
     errors = {obj for name in modules for _, obj in inspect.getmembers(importlib.import_module(name), inspect.isclass)
               if issubclass(obj, Exception) and obj.__module__ == name}
     assert [e.__name__ for e in errors if not issubclass(e, UserError)] == []

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_train import TINY
+from tests.fixtures import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

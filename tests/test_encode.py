@@ -11,14 +11,10 @@ import pytest
 from PIL import Image
 
 from sddit.codecs import CodecError
-from sddit.data import DataError, Manifest, center_crop, load_image, read_tensor_column, to_rgb
+from sddit.data import DataError, Manifest, read_tensor_column
+from sddit.image_folder import center_crop, load_image, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlruns")
 
 
 def run_encode(data, out, mlflow_dir, *extra):

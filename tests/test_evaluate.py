@@ -12,20 +12,15 @@ import yaml
 
 from sddit.checkpoint import rng_state, save_checkpoint
 from sddit.data import Manifest, read_shard
-from sddit.evaluation import (EvaluationError, SamplingPlan, batch_path, load_reference, make_extractor,
-                              reference_from_dataset, reference_from_npz)
 from sddit.extractors import InceptionExtractor
+from sddit.reference import load_reference, make_extractor, reference_from_dataset, reference_from_npz
+from sddit.sampling import EvaluationError, SamplingPlan, batch_path
 from sddit.training import build_training
 from tests.conftest import tiny_config
-from tests.test_train import TINY
+from tests.fixtures import TINY
 
 NUM_CLASSES = 3                                         # the image_tree fixture's classes
 EVAL_ARGS = ["--num-samples", "12", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1.5", "--seed", "7"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("mlruns")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +131,7 @@ def test_evaluate_flags_parse_the_conventions():
 
 
 def test_samples_of_an_older_protocol_file_are_reused_unless_an_option_differs(tmp_path):
-    from sddit.evaluation import check_protocol
+    from sddit.sampling import check_protocol
     plan = SamplingPlan(4, 2, 3, [4, 2, 2])
     old = {k: v for k, v in plan.to_dict().items()
            if k not in ("label_mode", "guidance_interval", "guidance_channels", "precision", "compile")}
@@ -158,7 +153,7 @@ def perturbed_denoiser(num_classes=3):
 
 def test_bf16_sampling_stays_close_to_fp32_and_is_not_the_same_computation():
     from sddit.codecs import make_codec
-    from sddit.evaluation import sample_batch, sampling_network
+    from sddit.sampling import sample_batch, sampling_network
     ema, codec = perturbed_denoiser(), make_codec("pixel", None)
     fp32 = SamplingPlan(8, 8, 3, [3, 8, 8], steps=3, cfg_scale=2.0)
     bf16 = SamplingPlan(8, 8, 3, [3, 8, 8], steps=3, cfg_scale=2.0, precision="bf16")
@@ -171,7 +166,7 @@ def test_bf16_sampling_stays_close_to_fp32_and_is_not_the_same_computation():
 @pytest.mark.slow
 def test_compiled_sampling_matches_eager():
     from sddit.codecs import make_codec
-    from sddit.evaluation import sample_batch, sampling_network
+    from sddit.sampling import sample_batch, sampling_network
     ema, codec = perturbed_denoiser(), make_codec("pixel", None)
     eager = SamplingPlan(8, 4, 3, [3, 8, 8], steps=3, cfg_scale=2.0, guidance_interval=(0.1, 10.0))
     compiled = SamplingPlan(8, 4, 3, [3, 8, 8], steps=3, cfg_scale=2.0, guidance_interval=(0.1, 10.0), compile=True)

@@ -173,7 +173,7 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-ORCHESTRATORS = {"pipelines/full_run.py", "pipelines/study.py"}
+ORCHESTRATORS = {"pipelines/full_run.py", "pipelines/study.py", "pipelines/study_plan.py", "pipelines/study_report.py"}
 
 
 def test_layers_only_point_down():

@@ -317,22 +317,33 @@ def test_repa_adds_its_term_to_every_family(name):
         training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09)
 
 
+def perturbed_model(config):
+    """A model whose adaLN gates are nonzero, so every block passes gradient (at init each is the identity)."""
+    torch.manual_seed(0)
+    model = build_from_config(config.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def parameters_reached(model, value) -> set[str]:
+    """Names of the trainable parameters that `value`'s gradient reaches (nonzero)."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    return {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+
+
 def test_repa_gradient_reaches_the_tapped_blocks_and_the_projector_only():
     from sddit.diffusion import sample_sigma
     from sddit.models.dit import random_keep
     from sddit.objective import repa_loss
     config = repa_config()                                  # depth 2, tapped after block 1, mask ratio 0.2
-    torch.manual_seed(0)
-    model = build_from_config(config.model)
-    with torch.no_grad():                                   # nonzero adaLN gates, so every block passes gradient
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model = perturbed_model(config)
     x0, y = batch()
     keep = random_keep(8, model.num_patches, config.model.mask_ratio, generator=torch.Generator().manual_seed(0))
     out = model(x0 + sample_sigma(8) * torch.randn_like(x0), sample_sigma(8), y, keep)
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(repa_loss(out.aligned, features_for(), keep), [p for _, p in named], allow_unused=True)
-    reached = {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    reached = parameters_reached(model, repa_loss(out.aligned, features_for(), keep))
     assert any(k.startswith("projector.") for k in reached)
     assert any(k.startswith("denoiser.net.encoder.blocks.0.") for k in reached)
     assert "denoiser.net.encoder.x_embedder.proj.weight" in reached
@@ -476,17 +487,56 @@ def test_self_supervision_gradient_reaches_the_blocks_up_to_its_tap_only(term, b
     from sddit.objective import dispersive_loss, layersync_loss
     config = tiny_config("DiT-S/2", depth=4, layersync_weight=0.2, layersync_shallow=1, layersync_deep=3,
                          dispersive_weight=0.25, dispersive_depth=3)
-    torch.manual_seed(0)
-    model = build_from_config(config.model)
-    with torch.no_grad():                                   # nonzero adaLN gates, so every block passes gradient
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model = perturbed_model(config)
     x0, y = batch()
     out = model(x0 + sample_sigma(8) * torch.randn_like(x0), sample_sigma(8), y)
     value = layersync_loss(out.hidden[1], out.hidden[3]) if term == "layersync" else dispersive_loss(out.hidden[3])
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
-    reached = {k for (k, _), g in zip(named, grads) if g is not None and g.abs().sum() > 0}
+    reached = parameters_reached(model, value)
     assert {int(k.split(".")[4]) for k in reached if k.startswith("denoiser.net.encoder.blocks.")} == blocks
     assert "denoiser.net.encoder.x_embedder.proj.weight" in reached
     assert not any(k.startswith("denoiser.net.decoder.") for k in reached)
+
+
+def test_sra_teacher_sigma_and_term_by_hand():
+    from sddit.objective import sra_loss, sra_teacher_sigma
+    sigma = torch.tensor([0.25, 1.0, 4.0, 0.001, 0.01]).reshape(5, 1, 1, 1)   # t = 0.2, 0.5, 0.8, ~0.001, ~0.01
+    # no shift: the same noise level; a shift lowers t by 0.2 at most, never below EDM's sigma_min (0.002) unless
+    # the student's own level is lower
+    assert torch.allclose(sra_teacher_sigma(sigma, 0.0), sigma)
+    shifted = sra_teacher_sigma(sigma, 0.2, generator=torch.Generator().manual_seed(0))
+    t, t_shifted = sigma / (1 + sigma), shifted / (1 + shifted)
+    assert ((t - t_shifted) <= 0.2 + 1e-6).all() and (shifted <= sigma + 1e-7).all() and (shifted < sigma)[:3].all()
+    assert shifted[3].item() == pytest.approx(0.001) and shifted[4].item() == pytest.approx(0.002)
+    # smooth L1 with beta 0.05: |d| < beta gives d^2 / (2 beta), otherwise |d| - beta / 2
+    regressed, target = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[0.01, 0.0]]])
+    assert sra_loss(regressed, target).item() == pytest.approx((0.01 ** 2 / 0.1 + (1 - 0.025)) / 2)
+    assert sra_loss(regressed, torch.tensor([[[0.0, 2.0]]]), "cosine").item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "SD-DiT-S/2"])
+def test_sra_regresses_the_generation_ema_and_its_gradient_reaches_the_student_side_only(name):
+    from sddit.diffusion import sample_sigma
+    from sddit.models.dit import random_keep
+    from sddit.objective import sra_loss
+    config = tiny_config(name, depth=3, sra_weight=0.2, **({"disc_weight": 0.0} if name == "SD-DiT-S/2" else {}))
+    assert config.model.sra_blocks() == (1, 2)
+    model = perturbed_model(config)
+    ema = make_generation_ema(model)
+    x0, y = batch()
+    out = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                        generator=torch.Generator().manual_seed(1), generation_ema=ema)
+    assert torch.allclose(out.parts["loss"], out.parts["loss_gen"] + 0.2 * out.parts["loss_sra"])
+    assert -1 <= out.parts["sra_cosine"].item() <= 1
+    with pytest.raises(ValueError, match="needs the generation EMA"):
+        training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09)
+    # the term's gradient: the head and the student's blocks up to its tap, never the EMA (a frozen copy)
+    keep = (random_keep(8, model.num_patches, config.model.mask_ratio, generator=torch.Generator().manual_seed(0))
+            if config.model.mask_ratio > 0 else None)
+    student = model(x0 + sample_sigma(8) * torch.randn_like(x0), sample_sigma(8), y, keep)
+    target = torch.randn(8, student.regressed.shape[1], config.model.hidden_size)
+    reached = parameters_reached(model, sra_loss(student.regressed, target))
+    assert any(k.startswith("sra_head.") for k in reached)
+    assert {int(k.split(".")[4]) for k in reached if k.startswith("denoiser.net.encoder.blocks.")} == {0}
+    assert not any(k.startswith("denoiser.net.decoder.") for k in reached)
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert not any("sra_head" in k for k in ema.state_dict())          # sampling is unchanged

@@ -12,8 +12,8 @@ import yaml
 from sddit.data import DataError, EncodeSettings, Manifest
 from sddit.representations import (LOCAL_VIT, ExternalEncoderError, load_external_encoder, save_local_vit,
                                    train_local_vit)
-from tests.fixtures import encode_pixels
-from tests.test_train import TINY, CrashAt, state_equal
+from tests.fixtures import TINY, encode_pixels
+from tests.test_train import CrashAt, state_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 REPA_TINY = copy.deepcopy(TINY)
@@ -99,7 +99,7 @@ def test_the_local_vit_round_trips_through_its_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def repa_data(ray_session, image_tree, tmp_path_factory):
-    from sddit.evaluation import dataset_codec, dataset_images
+    from sddit.reference import dataset_codec, dataset_images
     root = tmp_path_factory.mktemp("repa")
     plain = encode_pixels(image_tree[0], root / "pixel8", 8)
     parts = list(dataset_images(plain, dataset_codec(plain)))
@@ -114,7 +114,8 @@ def repa_data(ray_session, image_tree, tmp_path_factory):
 
 
 def test_encode_stores_the_features_of_each_image_and_of_its_mirror_image(repa_data, image_tree):
-    from sddit.data import FEATURES_COLUMN, load_image, read_shard, read_tensor_column
+    from sddit.data import FEATURES_COLUMN, read_shard, read_tensor_column
+    from sddit.image_folder import load_image
     _, plain, with_features, weights, _ = repa_data
     manifest = Manifest.read(with_features)
     assert manifest.features["column"] == FEATURES_COLUMN and manifest.features["encoder"] == LOCAL_VIT
@@ -172,7 +173,8 @@ def test_a_repa_run_on_a_dataset_without_features_and_a_missing_encoder_are_one_
 
 
 def test_repa_arms_share_everything_but_the_term_and_refuse_a_dataset_without_features(repa_data, tmp_path):
-    from pipelines.study import parse_args, plan_study
+    from pipelines.study import parse_args
+    from pipelines.study_plan import plan_study
     _, plain, with_features, _, _ = repa_data
     base = copy.deepcopy(REPA_TINY)
     base["model"]["repa_weight"] = 0.0                      # the base has REPA's settings but not its term

@@ -55,12 +55,12 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tmp_pat
 
 
 def test_a_sample_batch_write_on_a_full_disk_leaves_the_batch_to_redo(tmp_path, monkeypatch):
-    from sddit import evaluation
-    from sddit.evaluation import SamplingPlan, finished_batches, write_batch
+    from sddit import sampling
+    from sddit.sampling import SamplingPlan, finished_batches, write_batch
     plan = SamplingPlan(num_samples=8, batch_size=4, num_classes=2, latent_shape=[1, 2, 2])
     images = np.zeros((4, 2, 2, 1), dtype=np.uint8)
     write_batch(tmp_path, 0, images, np.array([0, 1, 0, 1]))
-    monkeypatch.setattr(evaluation.np, "savez", fills_the_disk(np.savez))
+    monkeypatch.setattr(sampling.np, "savez", fills_the_disk(np.savez))
     with pytest.raises(StorageError, match=r"batch-00001.npz: could not write it .*nothing was written there"):
         write_batch(tmp_path, 1, images, np.array([0, 1, 0, 1]))
     monkeypatch.undo()

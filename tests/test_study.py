@@ -5,8 +5,7 @@ import json
 import pytest
 import yaml
 
-from tests.fixtures import encode_pixels
-from tests.test_train import TINY
+from tests.fixtures import TINY, encode_pixels
 
 FAILING_ARM = {"Diverges": {"family": "DiT", "set": ["diffusion.p_mean=1000", "train.max_bad_steps=1"]}}
 
@@ -14,7 +13,7 @@ FAILING_ARM = {"Diverges": {"family": "DiT", "set": ["diffusion.p_mean=1000", "t
 # --- arms and plans, without Ray ------------------------------------------------------------------------------
 
 def flat_config(arm, base):
-    from pipelines.study import arm_overrides
+    from pipelines.study_plan import arm_overrides
     from sddit.config import apply_overrides
     return apply_overrides(base, arm_overrides(arm, base.model.name)).flat()
 
@@ -22,7 +21,7 @@ def flat_config(arm, base):
 @pytest.mark.parametrize("study", ["paper-fig3", "paper-tab3", "paper-fig5", "paper-fig6", "temperatures",
                                    "disc-terms", "mask-blocks", "maskdm", "cls-signal"])
 def test_every_builtin_arm_builds_and_shares_the_backbone_batch_and_lr(study):
-    from pipelines.study import STUDIES
+    from pipelines.study_plan import STUDIES
     from sddit.config import load_preset
     base = load_preset("fashion-mnist")
     configs = {arm: flat_config(arm, base) for arm in STUDIES[study]}
@@ -66,7 +65,7 @@ def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
 
 
 def test_spread_rule():
-    from pipelines.study import exceeds_spread
+    from pipelines.study_report import exceeds_spread
     assert exceeds_spread((10.0, 1.0, 3), (20.0, 1.0, 3))
     assert not exceeds_spread((10.0, 5.0, 3), (13.0, 5.0, 3))
     assert not exceeds_spread((10.0, 0.0, 1), (20.0, 0.0, 1))      # one seed has no spread to compare with
@@ -75,7 +74,7 @@ def test_spread_rule():
 def test_arms_whose_cls_targets_stayed_uniform_are_flagged():
     import math
 
-    from pipelines.study import arms_without_cls_signal
+    from pipelines.study_report import arms_without_cls_signal
     ln_k = math.log(64)
     rows = [{"arm": "flat", "target_entropy_cls": ln_k - 0.004}, {"arm": "flat", "target_entropy_cls": ln_k},
             {"arm": "live", "target_entropy_cls": ln_k - 0.004}, {"arm": "live", "target_entropy_cls": ln_k - 0.3},
@@ -201,7 +200,8 @@ def test_rerun_repeats_only_the_runs_that_did_not_finish(tiny_study, capsys):
                                    "disc-terms"])
 def test_every_builtin_study_plans_on_a_dataset(tiny_data, tmp_path, study):
     """The whole plan (configs fitted to the data, equal images, one run per arm x seed) before any Ray work."""
-    from pipelines.study import STUDIES, parse_args, plan_study
+    from pipelines.study import parse_args
+    from pipelines.study_plan import STUDIES, plan_study
     root, data, preset, _ = tiny_data
     plan = plan_study(parse_args(["--study", study, "--data", str(data), "--preset", str(preset), "--seeds", "2",
                                   "--images-per-arm", "100", "--eval-points", "3", "--out", str(tmp_path)]))
@@ -211,7 +211,8 @@ def test_every_builtin_study_plans_on_a_dataset(tiny_data, tmp_path, study):
 
 
 def test_a_changed_setting_gives_new_run_names_so_reruns_never_mix_configs(tiny_data, tmp_path):
-    from pipelines.study import parse_args, plan_study
+    from pipelines.study import parse_args
+    from pipelines.study_plan import plan_study
     _, data, preset, _ = tiny_data
     common = ["--arms", "DiT,SD-DiT", "--data", str(data), "--preset", str(preset), "--out", str(tmp_path)]
     first = plan_study(parse_args(common))["runs"]
@@ -240,7 +241,8 @@ def transfer_args(root, data16, *extra):
 
 
 def test_transfer_arms_need_a_dataset_at_another_resolution(tiny_data, data16, tmp_path):
-    from pipelines.study import parse_args, plan_study
+    from pipelines.study import parse_args
+    from pipelines.study_plan import plan_study
     from sddit.data import DataError
     from sddit.errors import ConfigError
     root = tiny_data[0]
@@ -253,7 +255,8 @@ def test_transfer_arms_need_a_dataset_at_another_resolution(tiny_data, data16, t
 
 
 def test_a_transfer_study_pretrains_then_starts_the_arm_from_that_checkpoint(tiny_data, data16, capsys):
-    from pipelines.study import final_checkpoint, main, parse_args, plan_study, storage_of
+    from pipelines.study import final_checkpoint, main, parse_args, storage_of
+    from pipelines.study_plan import plan_study
     from sddit.checkpoint import load_checkpoint
     root = tiny_data[0]
     summary = main(transfer_args(root, data16))

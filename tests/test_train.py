@@ -11,17 +11,7 @@ from sddit.config import apply_overrides, load_preset
 from sddit.data import DataError
 from sddit.errors import ConfigError
 from sddit.training import LocalHooks, NonFiniteError, train_loop
-from tests.fixtures import encode_pixels
-
-TINY = {
-    "model": {"name": "SD-DiT-S/2", "hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1,
-              "decoder_hidden_size": 16, "decoder_num_heads": 2, "head_hidden_size": 32,
-              "head_bottleneck_size": 16, "head_out_size": 64},
-    "optim": {"batch_size": 8, "lr": 1.0e-3},
-    "disc": {"teacher_temp_warmup_steps": 4},
-    "train": {"steps": 8, "log_every": 2, "sample_every": 4, "checkpoint_every": 3, "max_bad_steps": 3},
-    "data": {"codec": "pixel", "resolution": 8},
-}
+from tests.fixtures import TINY, encode_pixels
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +87,18 @@ def test_resume_mid_warm_up_is_bitwise_exact_and_the_logged_lr_follows_the_warm_
         {2: lr * 2 / 6, 4: lr * 4 / 6, 6: lr, 8: lr})
 
 
-def test_layersync_and_dispersive_runs_resume_bitwise_exactly_and_log_their_terms(dataset, preset, tmp_path):
-    config = apply_overrides(load_preset(preset), ["model.layersync_weight=0.2", "model.dispersive_weight=0.25"])
+def test_self_supervised_runs_resume_bitwise_exactly_and_log_their_terms(dataset, preset, tmp_path):
+    """LayerSync, Dispersive Loss and SRA together (SRA's head is in the checkpoint; its teacher is the generation
+    EMA, which is too)."""
+    config = apply_overrides(load_preset(preset), ["model.layersync_weight=0.2", "model.dispersive_weight=0.25",
+                                                   "model.sra_weight=0.2"])
     final = resumes_bitwise_exactly(config, dataset, tmp_path, crash_at=4)
-    assert final["config"].model.layersync_weight == 0.2 and final["config"].model.dispersive_weight == 0.25
+    assert (final["config"].model.layersync_weight, final["config"].model.sra_weight) == (0.2, 0.2)
+    assert any(key.startswith("sra_head.") for key in final["model"])
     hooks = RecordMetrics(tmp_path / "logged")
     train_loop(copy.deepcopy(config), dataset, hooks=hooks)
-    assert all(-1 <= m["loss_layersync"] <= 1 and m["loss_dispersive"] <= 0 for m in hooks.metrics.values())
+    assert all(-1 <= m["loss_layersync"] <= 1 and m["loss_dispersive"] <= 0 and m["loss_sra"] >= 0
+               and -1 <= m["sra_cosine"] <= 1 for m in hooks.metrics.values())
 
 
 def test_a_checkpoint_from_before_cls_gate_loads_with_the_gate_it_was_trained_with(dataset, preset, tmp_path):

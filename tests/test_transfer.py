@@ -8,10 +8,10 @@ import torch
 
 from sddit.config import Config
 from sddit.diffusion import sample_sigma
-from sddit.evaluation import EvaluationError, SamplingPlan
 from sddit.models import build_from_config
 from sddit.models.dit import sincos_1d, sincos_2d
 from sddit.objective import training_loss
+from sddit.sampling import EvaluationError, SamplingPlan
 from sddit.transfer import load_weights, position_span, transfer_config
 from tests.conftest import tiny_config
 
@@ -118,7 +118,7 @@ def test_guidance_factor_follows_the_transfer_law(cfg_scale, factor, used):
 
 def test_the_sampler_uses_the_transferred_scale():
     from sddit.codecs import make_codec
-    from sddit.evaluation import sample_batch
+    from sddit.sampling import sample_batch
     torch.manual_seed(0)
     config = tiny_config("DiT-S/2", in_channels=3)
     denoiser = build_from_config(config.model).denoiser.eval()

@@ -5,8 +5,7 @@ import threading
 import pytest
 import yaml
 
-from tests.fixtures import encode_pixels
-from tests.test_train import TINY
+from tests.fixtures import TINY, encode_pixels
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,7 @@ def summarise(results, space: dict, preset, metric: str, args, name: str) -> dic
     (out / "trials.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "best.json").write_text(json.dumps({"config": str(out / "best.yaml"), "checkpoint": best["checkpoint"],
                                                metric: best[metric], "params": best["params"]}, indent=2))
-    # the plot (~2 s, most of it importing matplotlib) is drawn and logged beside what follows the sweep
+    # the plot (most of it importing matplotlib) is drawn and logged beside what follows the sweep
     summary["parameter_plot"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot").submit(
         log_parameter_plot, finished, list(space), metric, out / "proxy_vs_params.png",
         mlflow.active_run().info.run_id)

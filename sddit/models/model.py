@@ -1,5 +1,5 @@
-"""The trainable model: a preconditioned DiT student, its projection head and its EMA teacher, and
-REPA's projector.
+"""The trainable model: a preconditioned DiT student, its projection head and its EMA teacher, REPA's
+projector and SRA's head.
 
 Parameters under `teacher.` are the teacher's (updated only by EMA); all others are the student's.
 """
@@ -22,6 +22,7 @@ class StudentOutput(NamedTuple):
     denoised: torch.Tensor                  # D(x) [N, C, H, W]
     logits: torch.Tensor | None             # head on CLS + visible tokens [N, 1 + K, out], if discriminative
     aligned: torch.Tensor | None = None     # projected visible tokens at the REPA tap [N, K, feature dim], if REPA
+    regressed: torch.Tensor | None = None   # SRA's head on the visible tokens at its student block [N, K, D], if SRA
     hidden: dict[int, torch.Tensor] | None = None   # {depth: visible patch tokens after that block [N, K, D]}, the
                                             # depths the self-supervision terms read (ModelConfig.tapped_depths)
 
@@ -69,6 +70,11 @@ class DiffusionModel(nn.Module):
         self.projector = None
         if config.repa_weight > 0:
             self.projector = Projector(config.hidden_size, config.repa_projector_size, config.repa_feature_dim)
+        # SRA's head maps the student's early tokens into the space of the later block it regresses; REPA's
+        # projector shape at the encoder's width
+        self.sra_head = None
+        if config.sra_weight > 0:
+            self.sra_head = Projector(config.hidden_size, config.hidden_size, config.hidden_size)
 
     @property
     def num_patches(self) -> int:
@@ -82,4 +88,5 @@ class DiffusionModel(nn.Module):
         denoised, tokens, hidden = self.denoiser.denoise(x, sigma, labels, ids_keep, taps=self.config.tapped_depths())
         logits = self.head(tokens) if self.head is not None else None
         aligned = self.projector(hidden[self.config.repa_depth]) if self.projector is not None else None
-        return StudentOutput(denoised, logits, aligned, hidden)
+        regressed = self.sra_head(hidden[self.config.sra_blocks()[0]]) if self.sra_head is not None else None
+        return StudentOutput(denoised, logits, aligned, regressed, hidden)

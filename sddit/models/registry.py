@@ -67,6 +67,15 @@ class ModelConfig:
     dispersive_weight: float = 0.0        # the reference training script's 0.25
     dispersive_depth: int = 0             # 0: the last encoder block (the reference's)
     dispersive_temp: float = 1.0          # the reference's: none (1)
+    # SRA (Jiang et al. 2025): the student's patch tokens after an early block, through a small MLP head, regress
+    # the generation EMA's tokens after a later block, on the same image and noise at a lower noise level: SRA's
+    # time t - U(0, sra_time_shift) on the linear path x_t = (1 - t) x0 + t n, which is EDM's x0 + sigma n at
+    # sigma = t / (1 - t) scaled by 1 / (1 + sigma)
+    sra_weight: float = 0.0               # SRA's 2 x 0.1 (its weight before the decay it starts at epoch 150)
+    sra_student_depth: int = 0            # 0: a third of the depth
+    sra_teacher_depth: int = 0            # 0: two thirds of the depth
+    sra_time_shift: float = 0.2
+    sra_loss: str = "smooth_l1"           # SRA's smooth L1 (beta 0.05), or "cosine": 1 - cos
 
     def validate(self) -> "ModelConfig":
         def need(ok: bool, field: str, message: str):
@@ -117,6 +126,14 @@ class ModelConfig:
         need(0 <= self.dispersive_depth <= self.depth, "dispersive_depth",
              f"must be in 0..depth ({self.depth}; 0: the last block), got {self.dispersive_depth}")
         need(self.dispersive_temp > 0, "dispersive_temp", f"must be > 0, got {self.dispersive_temp}")
+        need(self.sra_weight >= 0, "sra_weight", f"must be >= 0, got {self.sra_weight}")
+        need(self.sra_loss in ("smooth_l1", "cosine"), "sra_loss", f"must be smooth_l1 or cosine, got {self.sra_loss!r}")
+        need(0 <= self.sra_time_shift < 1, "sra_time_shift", f"must be in [0, 1), got {self.sra_time_shift}")
+        if self.sra_weight > 0:
+            student, teacher = self.sra_blocks()
+            need(1 <= student <= teacher <= self.depth, "sra_teacher_depth",
+                 f"needs 1 <= sra_student_depth <= sra_teacher_depth <= depth ({self.depth}), got {student} and "
+                 f"{teacher}")
         return self
 
     def layersync_blocks(self) -> tuple[int, int]:
@@ -127,8 +144,14 @@ class ModelConfig:
     def dispersive_block(self) -> int:
         return self.dispersive_depth or self.depth
 
+    def sra_blocks(self) -> tuple[int, int]:
+        """(student, teacher) block depths of SRA's pair; an unset one at a third / two thirds of the depth."""
+        return (self.sra_student_depth or max(1, round(self.depth / 3)),
+                self.sra_teacher_depth or max(1, round(2 * self.depth / 3)))
+
     def tapped_depths(self) -> tuple[int, ...]:
-        """The encoder depths whose patch tokens a training loss term reads (REPA, LayerSync, Dispersive)."""
+        """The student encoder depths whose patch tokens a training loss term reads (REPA, LayerSync, Dispersive,
+        SRA)."""
         taps = set()
         if self.repa_weight > 0:
             taps.add(self.repa_depth)
@@ -136,6 +159,8 @@ class ModelConfig:
             taps.update(self.layersync_blocks())
         if self.dispersive_weight > 0:
             taps.add(self.dispersive_block())
+        if self.sra_weight > 0:
+            taps.add(self.sra_blocks()[0])
         return tuple(sorted(taps))
 
 
@@ -157,7 +182,7 @@ SWITCHES = {
     "SD-DiT": dict(mask_ratio=0.2, cls_token=True, disc_weight=1.0),
 }
 SWITCH_FIELDS = ("mask_ratio", "mask_token", "mae_weight", "cls_token", "disc_weight", "repa_weight",
-                 "layersync_weight", "dispersive_weight")
+                 "layersync_weight", "dispersive_weight", "sra_weight")
 FAMILIES = {family: {**switches, **(LIGHT_DECODER if switches else {})} for family, switches in SWITCHES.items()}
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in FAMILIES for size in SIZES for patch in PATCH_SIZES)
