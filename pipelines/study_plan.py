@@ -138,6 +138,24 @@ def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
 # The plan
 # ---------------------------------------------------------------------------------------------
 
+# Config fields added after studies were recorded, each at the value that leaves a run as it was (its switch
+# off). A run's digest leaves them out at that value, so adding a switch to the library does not rename, and so
+# restart, the runs recorded before it.
+ADDED_LATER = {
+    "model.layersync_weight": 0.0, "model.layersync_shallow": 0, "model.layersync_deep": 0,
+    "model.dispersive_weight": 0.0, "model.dispersive_depth": 0, "model.dispersive_temp": 1.0,
+    "model.sra_weight": 0.0, "model.sra_student_depth": 0, "model.sra_teacher_depth": 0, "model.sra_time_shift": 0.2,
+    "model.sra_loss": "smooth_l1",
+}
+
+
+def run_digest(flat_config: dict, origin: dict) -> str:
+    """8 hex digits of a run's config (and where it starts from): part of its name, so a rerun continues a run
+    only if nothing about it changed."""
+    kept = {key: value for key, value in flat_config.items() if key not in ADDED_LATER or ADDED_LATER[key] != value}
+    return hashlib.sha256(json.dumps({**kept, **origin}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text)
 
@@ -184,8 +202,7 @@ def plan_study(args) -> dict:
                 raise DataError(f"arm {arm}: {error}") from error
             # the run's name carries its config's digest: a rerun continues a run only if nothing about it
             # changed; with other settings under the same --name it starts new runs instead of mixing them
-            digest = hashlib.sha256(json.dumps({**config.flat(), **origin}, sort_keys=True,
-                                               default=str).encode()).hexdigest()[:8]
+            digest = run_digest(config.flat(), origin)
             runs[label] = {"arm": arm, "seed": seed, "overrides": overrides + [f"train.seed={seed}"],
                            "name": f"study-{args.name}-{slug(arm)}-seed{seed}-{digest}",
                            "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed}, **origin}
@@ -220,9 +237,7 @@ def pretraining_run(args, arm: str, seed: int, base, overrides: list[str], pretr
     schedule = [f"data.resolution={pretrain['resolution']}", f"train.steps={pretrain['steps']}",
                 f"train.log_every={max(pretrain['steps'] // 4, 1)}", f"train.checkpoint_every={pretrain['steps']}",
                 f"train.sample_every={pretrain['steps']}", f"train.seed={seed}"]
-    config = apply_overrides(base, overrides + schedule).flat()
-    digest = hashlib.sha256(json.dumps({**config, "data": pretrain["data"]}, sort_keys=True,
-                                       default=str).encode()).hexdigest()[:8]
+    digest = run_digest(apply_overrides(base, overrides + schedule).flat(), {"data": pretrain["data"]})
     return {"arm": arm, "seed": seed, "overrides": overrides + schedule, "data": pretrain["data"], "proxy": None,
             "steps": pretrain["steps"], "name": f"study-{args.name}-{slug(arm)}-pretrain-seed{seed}-{digest}",
             "params": {"study.name": args.name, "study.arm": arm, "study.seed": seed, "study.stage": "pretrain"}}

@@ -1,6 +1,7 @@
 """pipelines/study.py: arms that differ only where the paper varies them, and a tiny study end to end."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -276,3 +277,25 @@ def test_a_transfer_study_pretrains_then_starts_the_arm_from_that_checkpoint(tin
     capsys.readouterr()
     main(transfer_args(root, data16))                                   # all finished: nothing runs again
     assert "already finished" in capsys.readouterr().out
+
+
+def test_a_switch_added_later_leaves_the_names_of_recorded_runs_alone():
+    """A run's name carries its config's digest; fields the library gained after a study was recorded, at the
+    value that leaves the run unchanged, must not rename it (a rerun would restart it instead of continuing)."""
+    from pipelines.study_plan import ADDED_LATER, run_digest
+    from sddit.config import load_preset
+    flat = load_preset("fashion-mnist").flat()
+    assert set(ADDED_LATER) <= set(flat) and all(flat[key] == value for key, value in ADDED_LATER.items())
+    before = {key: value for key, value in flat.items() if key not in ADDED_LATER}    # the config as it was recorded
+    assert run_digest(flat, {}) == run_digest(before, {})
+    assert run_digest({**flat, "model.sra_weight": 0.2}, {}) != run_digest(flat, {})   # switched on: a new run
+    assert run_digest(flat, {"pretrain": "x"}) != run_digest(flat, {})
+
+
+def test_every_config_field_was_recorded_or_is_listed_as_added_later():
+    """The fields a recorded study's digests were computed over (tests/recorded_config_fields.json, as of the
+    cls-signal grid): a new field must go into ADDED_LATER with its neutral value, or recorded runs restart."""
+    from pipelines.study_plan import ADDED_LATER
+    from sddit.config import load_preset
+    recorded = set(json.loads((Path(__file__).parent / "recorded_config_fields.json").read_text()))
+    assert set(load_preset("fashion-mnist").flat()) - recorded - set(ADDED_LATER) == set()
