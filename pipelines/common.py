@@ -89,40 +89,55 @@ def tune_verbosity() -> int:
     return 0
 
 
+def local_runtime_settings() -> None:
+    """What a Ray runtime started on this machine by one of our commands runs with, set in the environment
+    before it starts, so that its raylet and every worker (Tune's trial actors, Train's controllers) inherit it.
+    Several such runtimes can run side by side (two commands at once): nothing here lets Ray look for "the"
+    local cluster by itself, which finds two and fails (docs/troubleshooting.md)."""
+    os.environ[LOCAL_RUNTIME_ENV] = "1"                 # read by torch_trainer() here and in Tune's trial actors
+    # A local runtime has no nodes that can be preempted. Ray Train's watcher for that is one more actor
+    # process per Train run (each sweep trial pays for it on a small machine) and prints a core-worker
+    # ERROR line about its own constructor arguments. Ray Train passes this setting on to its controllers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s to be
+    # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train's state actor checks every 30 s, through Ray's state API, whether each run's controller is
+    # still alive; that API finds the cluster by auto-detection. A local runtime's controllers end with its
+    # driver anyway, so there is nothing for the check to find.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    # Ray Train gives a worker group 60 s to start, meant for a cluster that is scaling up; a local runtime does
+    # not scale, and on a busy machine (another command's training beside this one on 2 cores) starting a
+    # worker process that imports torch took longer than that, failing the run instead of waiting
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    # Ray enables token authentication for a new local runtime and says so at every start: that notice
+    # only with --verbose (setting RAY_AUTH_MODE here instead would come too late for this process)
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, **kwargs):
     """Connect to `address` ("auto" for an existing cluster) or start a local runtime; reuse one if running."""
     import ray
 
     if address is None:
-        os.environ[LOCAL_RUNTIME_ENV] = "1"             # read by torch_trainer() here and in Tune's trial actors
-        # A local runtime has no nodes that can be preempted. Ray Train's watcher for that is one more actor
-        # process per Train run (each sweep trial pays for it on a small machine) and prints a core-worker
-        # ERROR line about its own constructor arguments. Ray Train passes this setting on to its controllers.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The Train controller polls its workers every 2 s by default, so a finished run waits up to 2 s to be
-        # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        # Ray Train's state actor checks every 30 s, through Ray's state API, whether each run's controller is
-        # still alive. That API finds "the" local cluster by itself, and with a second local runtime on the
-        # machine (two of our commands at once) it finds two and fails; a local runtime's controllers end with
-        # its driver anyway, so there is nothing for the check to find.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-        # Ray enables token authentication for a new local runtime and says so at every start: that notice
-        # only with --verbose (setting RAY_AUTH_MODE here instead would come too late for this process)
-        if not verbose():
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        local_runtime_settings()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
                  **kwargs)
     return ray
 
 
-def torch_trainer(*args, **kwargs):
+def torch_trainer(*args, in_trial: bool = False, **kwargs):
     """A Ray Train TorchTrainer for our training function. Ray Train starts two helper actors for every run
     that a run here does not use: a `DatasetManager` (even with no `datasets`: our workers read their shards
     themselves) and, on a local runtime, whose processes all end with the driver, a `PlacementGroupCleaner`
-    that frees a dead controller's CPUs. Each is a process importing Ray Train and Ray Data (~2 CPU-s), which
-    every sweep trial paid for. Ray is pinned to 2.60 (pyproject.toml), whose default callbacks these are."""
+    that frees a dead controller's CPUs. Each is a process importing Ray Train and Ray Data, which every sweep
+    trial paid for; and the cleaner finds its cluster by auto-detection, so beside a second local runtime it
+    fails, leaving a stopped trial's CPUs reserved and the next trial waiting for them until it times out
+    (docs/troubleshooting.md). Inside a Tune trial (`in_trial`) the cleaner stays: a trial that Tune stops
+    early leaves its controller's placement group behind, and without the cleaner the sweep's next trial
+    waits for those CPUs. Ray is pinned to 2.60 (pyproject.toml), whose default callbacks these are."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -131,7 +146,8 @@ def torch_trainer(*args, **kwargs):
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            unused = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local else ())
+            unused = ((() if self.datasets else (DatasetsCallback,))
+                      + ((PlacementGroupCleanerCallback,) if local and not in_trial else ()))
             return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, unused)]
 
     return LeanTorchTrainer(*args, **kwargs)

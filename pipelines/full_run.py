@@ -256,6 +256,7 @@ def main(argv=None) -> dict:
         numeric = {f"{prefix}.{k}": v for prefix in ("metrics_cfg1", "metrics_cfg", "metrics_untrained_cfg1")
                    for k, v in summary.get(prefix, {}).items()}
         mlflow.log_metrics({**numeric, "wall_s": summary["wall_s"]})
+        summary["mlflow_run_id"] = parent.info.run_id
         if "samples" in summary:
             mlflow.log_artifact(summary["samples"])
     (plan.run_dir / f"{plan.name}_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -295,8 +296,10 @@ def print_summary(summary: dict, plan: Plan, uri: str, experiment_id: str) -> No
         print(f"sample grid: {summary['samples']}")
     if "checkpoint" in summary:
         print(f"checkpoint: {summary['checkpoint']}")
-    print(f"browse: mlflow ui --backend-store-uri {uri}\n  then open http://127.0.0.1:5000/#/experiments/"
-          f"{experiment_id}/runs?{UI_QUERY} (MLflow's 'Model training' layout: runs, charts, sample grids)")
+    ui = f"http://127.0.0.1:5000/#/experiments/{experiment_id}"
+    print(f"browse: mlflow ui --backend-store-uri {uri}\n  then open {ui}/runs?{UI_QUERY} (every run, in MLflow's "
+          f"'Model training' layout)\n  or this pipeline run, its stages and sample grid: "
+          f"{ui}/runs/{summary['mlflow_run_id']}?{UI_QUERY}")
 
 
 def cli():

@@ -37,7 +37,7 @@ def run_trial(trial: dict, context: dict) -> None:
     mlflow_run = {"experiment_id": context["experiment_id"], "name": name, "params": {**config.flat(), **tagged},
                   "parent_run_id": context["sweep_run_id"]}
     trainer = torch_trainer(
-        train_worker,
+        train_worker, in_trial=True,
         train_loop_config={"config": config.to_dict(), "data": run_spec.get("data", context["data"]),
                            "init_from": run_spec.get("init_from"), "mlflow_uri": context["mlflow_uri"],
                            "mlflow_run": mlflow_run, "kill": None, "cpus_per_worker": context["cpus_per_worker"],

@@ -28,8 +28,12 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray runtime for every test that runs a pipeline in-process."""
+    """One local Ray runtime for every test that runs a pipeline in-process, with the settings our commands
+    give a local runtime (so the suite runs beside another command's runtime, as a user's would)."""
     import ray
+
+    from pipelines.common import local_runtime_settings
+    local_runtime_settings()
     # the dashboard is what cleans up the Train workers of a trial that Tune stops early
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray

@@ -112,6 +112,35 @@ def chromium_path() -> str:
     return path
 
 
+def assert_model_training_layout(page) -> None:
+    """MLflow 3.17's Model training layout: its side bar has the model registry; the GenAI one has judges and
+    titles a run page 'Evaluations'."""
+    from playwright.sync_api import expect
+    expect(page.get_by_text("Model registry", exact=True).first).to_be_visible(timeout=30_000)
+    assert page.get_by_text("Judges", exact=True).count() == 0
+    assert page.get_by_text("Evaluations", exact=True).count() == 0
+
+
+def test_each_stage_run_lasts_as_long_as_the_stage(smoke):
+    """A stage's MLflow run starts when the stage starts, so the UI's Duration is its wall time, not the moments
+    its logging took (the summary's figure also holds full_run's own work around the stage)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+    run_dir, summary = smoke
+    client = MlflowClient(tracking_uri(run_dir))
+    experiment = client.get_experiment_by_name("sddit")
+    first = client.search_runs([experiment.experiment_id], "tags.`sddit.stage` = 'pipeline'",
+                               order_by=["attributes.start_time ASC"])[0]     # the rerun test may add another
+    assert first.info.run_id == summary["mlflow_run_id"]
+    for stage, runs_of_stage in (("encode", 1), ("evaluate", 3)):        # evaluate: CFG 1, guided, untrained
+        runs = client.search_runs([experiment.experiment_id], f"tags.`sddit.stage` = '{stage}' and "
+                                  f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
+        assert len(runs) == runs_of_stage
+        seconds = sum((run.info.end_time - run.info.start_time) / 1000 for run in runs)
+        assert 0.7 * summary["stages"][stage] <= seconds <= summary["stages"][stage] + 1, (stage, seconds)
+
+
 def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smoke, mlflow_server):
     """Headless Chromium (Debian's, driven by Playwright) on the real MLflow UI; screenshots are kept."""
     from mlflow.tracking import MlflowClient
@@ -142,8 +171,14 @@ def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smo
             assert "/runs" in page.url and "overview" not in page.url
             page.screenshot(path=str(artifacts / "mlflow_ui_experiment.png"))
 
+            # the pipeline run's own link, as full_run prints it: the run page in the Model training layout
+            page.goto(f"{base}/runs/{parent.info.run_id}?{UI_QUERY}", wait_until="load")
+            expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)
+            assert_model_training_layout(page)
+            page.screenshot(path=str(artifacts / "mlflow_ui_pipeline_run.png"))
+
             # the pipeline run, expanded to show a child run per stage
-            page.goto(f"{base}/runs", wait_until="load")
+            page.goto(f"{base}/runs?{UI_QUERY}", wait_until="load")
             expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)
             parent_row = page.get_by_role("row").filter(has=page.locator(f"a[href*='{parent.info.run_id}']"))
             parent_row.get_by_role("button").first.click()          # expand its child runs
@@ -152,13 +187,14 @@ def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smo
             page.screenshot(path=str(artifacts / "mlflow_ui_runs.png"))
 
             # a metric chart of the training run
-            page.goto(f"{base}/runs/{train.info.run_id}/model-metrics", wait_until="load")
+            page.goto(f"{base}/runs/{train.info.run_id}/model-metrics?{UI_QUERY}", wait_until="load")
             expect(page.get_by_text("loss_gen", exact=True).first).to_be_visible(timeout=60_000)
+            assert_model_training_layout(page)
             expect(page.locator("canvas, svg.main-svg").first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(artifacts / "mlflow_ui_metrics.png"))
 
             # the sample grid among the pipeline run's artifacts, rendered as an image
-            page.goto(f"{base}/runs/{parent.info.run_id}/artifacts", wait_until="load")
+            page.goto(f"{base}/runs/{parent.info.run_id}/artifacts?{UI_QUERY}", wait_until="load")
             page.get_by_text("demo_samples.png", exact=True).first.click(timeout=60_000)
             image = page.locator("img[src^='blob:'], img[src*='demo_samples.png']").first   # fetched, then shown
             expect(image).to_be_visible(timeout=30_000)
