@@ -67,17 +67,22 @@ def on_token_grid(features, num_patches: int):             # [N, T, D] -> [N, L,
     return grid.reshape(n, d, num_patches).transpose(1, 2)
 
 
+def mean_cosine(a, b):                                     # [..., D] each -> scalar
+    """The cosine similarity of each pair of vectors along the last dimension, averaged (in float32)."""
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1).mean()
+
+
 def repa_loss(aligned, features, ids_keep=None):
     """REPA's term: minus the mean cosine similarity between each visible token's projection [N, K, D] and
     the external feature of the clean image at the same position [N, L, D]."""
     target = features if ids_keep is None else gather_tokens(features, ids_keep)
-    return -(F.normalize(aligned.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1).mean()
+    return -mean_cosine(aligned, target)
 
 
 def layersync_loss(shallow, deep):                         # [N, K, D] each
     """LayerSync's term: minus the mean cosine between each token of a shallow block and the same token of a
     deeper block, the deeper one a fixed target (no gradient reaches it through this term)."""
-    return -(F.normalize(shallow.float(), dim=-1) * F.normalize(deep.detach().float(), dim=-1)).sum(dim=-1).mean()
+    return -mean_cosine(shallow, deep.detach())
 
 
 def dispersive_loss(z, temperature: float = 1.0):            # z: [N, ...]
@@ -106,7 +111,7 @@ def sra_loss(regressed, target, kind: str = "smooth_l1"):  # [N, K, D] each; the
     """SRA's term: the student's head output against the teacher's tokens, smooth L1 (beta 0.05) or 1 - cos."""
     regressed, target = regressed.float(), target.detach().float()
     if kind == "cosine":
-        return 1 - F.cosine_similarity(regressed, target, dim=-1).mean()
+        return 1 - mean_cosine(regressed, target)
     return F.smooth_l1_loss(regressed, target, beta=0.05)
 
 
@@ -216,7 +221,7 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
             if ids_keep is not None:
                 target = gather_tokens(target, ids_keep)
         parts["loss_sra"] = sra_loss(out.regressed, target, cfg.sra_loss)
-        parts["sra_cosine"] = F.cosine_similarity(out.regressed.detach().float(), target.float(), dim=-1).mean()
+        parts["sra_cosine"] = mean_cosine(out.regressed.detach(), target)
         loss = loss + cfg.sra_weight * parts["loss_sra"]
 
     parts = {key: value.detach() for key, value in parts.items()}
