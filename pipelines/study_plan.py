@@ -14,7 +14,7 @@ import yaml
 from sddit.config import apply_overrides, load_preset
 from sddit.data import DataError, Manifest
 from sddit.errors import ConfigError
-from sddit.models.registry import SWITCHES, family_overrides, parse_name
+from sddit.models.registry import SWITCHES, ModelConfig, family_overrides, parse_name
 from sddit.training import fit_to_dataset
 from pipelines.common import warn_about_layout
 
@@ -138,15 +138,12 @@ def load_arms_file(path) -> dict[str, tuple[str, list[str]]]:
 # The plan
 # ---------------------------------------------------------------------------------------------
 
-# Config fields added after studies were recorded, each at the value that leaves a run as it was (its switch
+# Config fields added after studies were recorded, each at its default, which leaves a run as it was (its switch
 # off). A run's digest leaves them out at that value, so adding a switch to the library does not rename, and so
 # restart, the runs recorded before it.
-ADDED_LATER = {
-    "model.layersync_weight": 0.0, "model.layersync_shallow": 0, "model.layersync_deep": 0,
-    "model.dispersive_weight": 0.0, "model.dispersive_depth": 0, "model.dispersive_temp": 1.0,
-    "model.sra_weight": 0.0, "model.sra_student_depth": 0, "model.sra_teacher_depth": 0, "model.sra_time_shift": 0.2,
-    "model.sra_loss": "smooth_l1",
-}
+ADDED_LATER = {f"model.{field}": getattr(ModelConfig(), field) for field in (
+    "layersync_weight", "layersync_shallow", "layersync_deep", "dispersive_weight", "dispersive_depth",
+    "dispersive_temp", "sra_weight", "sra_student_depth", "sra_teacher_depth", "sra_time_shift", "sra_loss")}
 
 
 def run_digest(flat_config: dict, origin: dict) -> str:
