@@ -144,8 +144,10 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
     elif cfg.num_classes == 0:
         labels = None
 
-    # choose the visible tokens, per sample
+    # choose the visible tokens, per sample (MDT: at a ratio drawn for the step)
     ids_keep = None
+    if mask_ratio > 0 and cfg.mask_ratio_spread > 0:
+        mask_ratio += cfg.mask_ratio_spread * torch.rand((), device=device, generator=generator).item()
     if mask_ratio > 0:
         ids_keep = random_keep(n_batch, net.num_patches, mask_ratio, block_size=cfg.mask_block_size,
                                crop=cfg.mask_crop, device=device, generator=generator)
@@ -163,9 +165,21 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
         parts["loss_mae"] = mae_patch_loss(out.denoised, x, 1.0 - visible, cfg.patch_size)
         loss = loss_gen + cfg.mae_weight * parts["loss_mae"]
     else:
-        # DiT and SD-DiT: EDM loss over the full latent
+        # DiT, SD-DiT and MDT: EDM loss over the full latent
         loss_gen = loss = err.mean()
     parts["loss_gen"] = loss_gen
+
+    # MDT: the same step also denoises the whole image (the same noise level, noise of its own), and says how
+    # well the side-interpolater's masked patches came out against the visible ones
+    if cfg.unmasked_pass and ids_keep is not None:
+        n_full = torch.randn(x0.shape, device=device, generator=generator)
+        full = model(x0 + sigma * n_full, sigma, labels)
+        parts["loss_unmasked"] = (edm_loss_weight(sigma, cfg.sigma_data) * (full.denoised - x0) ** 2).mean()
+        loss = loss + parts["loss_unmasked"]
+        with torch.no_grad():
+            visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)
+            patch_err = per_patch_mean(err, cfg.patch_size)
+            parts["loss_masked_patches"] = ((patch_err * (1 - visible)).sum(dim=1) / (1 - visible).sum(dim=1)).mean()
 
     # discrimination: teacher on x0 + teacher sigma n (same n, no mask), gathered at the kept positions
     teacher_cls = teacher_patch = None

@@ -36,8 +36,23 @@ def test_sddit_xl2_student_within_one_percent_of_paper():
     assert teacher == encoder + head
 
 
+@pytest.mark.parametrize("name, reference, blocks, heads", [("MDT-S/2", 38_454_872, 6 + 6 + 1, 6),
+                                                          ("MDT-XL/2", 742_263_904, 24 + 4 + 1, 16)])
+def test_mdt_parameter_counts_match_its_reference_code(name, reference, blocks, heads):
+    """The reference's count is sail-sg/MDT's MDTv2 at its commands' decode_layer (6 for S/2, 4 for XL/2),
+    learn_sigma and 1000 classes, counted by building it. Ours differs only by the 3 rows of each block's
+    relative-position table that BEiT, whose table MDT took, keeps for a CLS token MDT does not have."""
+    with torch.device("meta"):
+        model = build(name, learn_sigma=True)
+    assert count_student(model) == reference - 3 * heads * blocks
+    assert abs(count_student(model) / reference - 1) < 0.01
+    cfg = model.config
+    assert (cfg.depth + cfg.decoder_depth, cfg.backbone, cfg.mask_ratio, cfg.mask_ratio_spread) == (
+        {"MDT-S/2": 12, "MDT-XL/2": 28}[name], "mdt", 0.3, 0.2)
+
+
 def test_every_registered_name_builds_with_its_sizes():
-    assert len(MODEL_NAMES) == 36
+    assert len(MODEL_NAMES) == 48
     with torch.device("meta"):
         for name in MODEL_NAMES:
             model = build(name)
@@ -248,3 +263,47 @@ def test_family_overrides_turn_any_family_into_the_registry_s_family():
             assert [getattr(turned, f) for f in SWITCH_FIELDS] == [getattr(registered, f) for f in SWITCH_FIELDS]
             assert turned.decoder_depth == (0 if family == "DiT" else base.model.decoder_depth)
             assert turned.hidden_size == base.model.hidden_size
+
+
+def test_relative_position_bias_depends_only_on_the_offset_and_follows_the_kept_tokens():
+    from sddit.models.dit import random_keep
+    from sddit.models.mdt import RelativePositionAttention
+    attn = RelativePositionAttention(8, 2, grid=4)
+    torch.nn.init.normal_(attn.bias_table)
+    bias = attn.bias()[0]                                   # [H, 16, 16] on the 4 x 4 grid
+    # (0,0)->(1,1) and (2,2)->(3,3) are the same offset; (0,0)->(1,1) and (1,1)->(0,0) are not
+    assert torch.equal(bias[:, 0, 5], bias[:, 10, 15]) and not torch.equal(bias[:, 0, 5], bias[:, 5, 0])
+    assert len({tuple(bias[:, i, j].tolist()) for i in range(16) for j in range(16)}) == 7 * 7
+    ids_keep = random_keep(3, 16, 0.5)
+    kept = attn.bias(ids_keep)                              # [3, H, 8, 8]
+    for n in range(3):
+        assert torch.equal(kept[n], bias[:, ids_keep[n]][:, :, ids_keep[n]])
+    # attending among the kept tokens is attending with their own positions' biases
+    x = torch.randn(3, 16, 8)
+    from sddit.models.dit import gather_tokens
+    visible = gather_tokens(x, ids_keep)
+    assert attn(visible, ids_keep).shape == (3, 8, 8)
+    assert torch.allclose(attn(visible[:1], ids_keep[:1]), attn(visible, ids_keep)[:1], atol=1e-6)
+
+
+def test_mdt_side_interpolater_keeps_the_visible_tokens_and_predicts_the_masked_ones_from_them():
+    from sddit.models.dit import gather_tokens, random_keep
+    model = build_from_config(tiny_config("MDT-S/2", input_size=8).model)   # 16 patches
+    decoder = model.denoiser.net.decoder
+    with torch.no_grad():                                   # open adaLN-Zero's gates: past the identity at init
+        decoder.side_interpolater.adaLN_modulation[-1].weight.normal_(0, 0.1)
+    ids_keep = random_keep(2, 16, 0.5)
+    masked = torch.ones(2, 16, dtype=torch.bool).scatter_(1, ids_keep, False)
+    h, c = torch.randn(2, 8, 32), torch.randn(2, 32)
+    out = decoder.interpolate(h, c, ids_keep)               # [2, 16, 32]
+    positions = decoder.pos_embed.expand(2, -1, -1)
+    assert torch.equal(gather_tokens(out, ids_keep), h + gather_tokens(positions, ids_keep))
+    fill = decoder.mask_token + positions
+    assert not torch.allclose(out[masked], fill[masked])   # the masked tokens are predicted, not the fill
+    nudged = h.clone()
+    nudged[:, 0] += 1.0
+    again = decoder.interpolate(nudged, c, ids_keep)
+    assert not torch.allclose(again[masked], out[masked])  # ... from the visible ones
+    first = ids_keep[:, :1]
+    others = torch.ones(2, 16, dtype=torch.bool).scatter_(1, first, False) & ~masked
+    assert torch.equal(again[others], out[others])          # and a visible token never changes another

@@ -25,7 +25,7 @@ def loss_of(config, seed):
     return out
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "MaskDiT-S/2", "SD-DiT-S/2"])
+@pytest.mark.parametrize("name", ["DiT-S/2", "MaskDiT-S/2", "SD-DiT-S/2", "MDT-S/2"])
 def test_same_seed_gives_bitwise_equal_loss(name):
     config = tiny_config(name)
     a, b, c = loss_of(config, 1), loss_of(config, 1), loss_of(config, 2)
@@ -43,6 +43,9 @@ def test_loss_parts_per_family():
     assert set(sd.parts) == {"loss", "loss_gen", "loss_cls", "loss_patch"} | diagnostics
     expected = sd.parts["loss_gen"] + sd.parts["loss_cls"] + sd.parts["loss_patch"]
     assert torch.allclose(sd.parts["loss"], expected)
+    mdt = loss_of(tiny_config("MDT-S/2"), 0)
+    assert set(mdt.parts) == {"loss", "loss_gen", "loss_unmasked", "loss_masked_patches"}
+    assert torch.allclose(mdt.parts["loss"], mdt.parts["loss_gen"] + mdt.parts["loss_unmasked"])
     # without the discriminative loss SD-DiT has neither head nor teacher
     assert set(loss_of(tiny_config("SD-DiT-S/2", disc_weight=0.0), 0).parts) == {"loss", "loss_gen"}
 
@@ -540,3 +543,36 @@ def test_sra_regresses_the_generation_ema_and_its_gradient_reaches_the_student_s
     assert not any(k.startswith("denoiser.net.decoder.") for k in reached)
     assert not any(p.requires_grad for p in ema.parameters())
     assert not any("sra_head" in k for k in ema.state_dict())          # sampling is unchanged
+
+
+def test_mdt_draws_each_steps_mask_ratio_and_both_passes_train_the_network(monkeypatch):
+    """MDT's schedule: one mask ratio per step from U(0.3, 0.5); the side-interpolater learns only from the
+    masked positions (a step whose mask keeps every token leaves it without gradient), the long skips and the
+    mask token from the step."""
+    from sddit import objective
+    ratios, real = [], objective.random_keep
+    monkeypatch.setattr(objective, "random_keep", lambda *args, **kw: ratios.append(args[2]) or real(*args, **kw))
+    config = tiny_config("MDT-S/2")
+    for seed in range(40):
+        loss_of(config, seed)
+    assert all(0.3 <= r < 0.5 for r in ratios) and max(ratios) - min(ratios) > 0.1
+
+    def reached(**model_overrides):
+        torch.manual_seed(0)
+        model = build_from_config(tiny_config("MDT-S/2", **model_overrides).model)
+        with torch.no_grad():                               # open the zero-initialised gates and output layer
+            for name, p in model.named_parameters():
+                if "adaLN_modulation" in name or "final_layer.linear" in name:
+                    p.normal_(0, 0.1)
+        x0, y = batch()
+        out = training_loss(model, x0, y, diffusion=config.diffusion, disc=config.disc, teacher_temp=0.09,
+                            generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    both = reached()
+    assert any(name.startswith("denoiser.net.decoder.side_interpolater.") for name in both)
+    assert "denoiser.net.decoder.mask_token" in both and "denoiser.net.encoder.skips.0.weight" in both
+    monkeypatch.setattr(objective, "random_keep", lambda batch, length, *args, **kw: torch.arange(length).expand(
+        batch, -1))                                         # a 'mask' that keeps every token: no interpolation
+    assert not any(name.startswith("denoiser.net.decoder.side_interpolater.") for name in reached())

@@ -87,6 +87,17 @@ def test_resume_mid_warm_up_is_bitwise_exact_and_the_logged_lr_follows_the_warm_
         {2: lr * 2 / 6, 4: lr * 4 / 6, 6: lr, 8: lr})
 
 
+def test_mdt_resumes_bitwise_exactly_and_logs_both_passes(dataset, preset, tmp_path):
+    """MDT's per-step mask ratio is drawn from the step's generator, so a resumed run draws the same ones."""
+    from sddit.models.registry import family_overrides
+    config = apply_overrides(load_preset(preset), ["model.name=MDT-S/2", *family_overrides("MDT")])
+    final = resumes_bitwise_exactly(config, dataset, tmp_path, crash_at=4)
+    assert any(key.startswith("denoiser.net.decoder.side_interpolater.") for key in final["model"])
+    hooks = RecordMetrics(tmp_path / "logged")
+    train_loop(copy.deepcopy(config), dataset, hooks=hooks)
+    assert all(m["loss_unmasked"] > 0 and m["loss_masked_patches"] > 0 for m in hooks.metrics.values())
+
+
 def test_self_supervised_runs_resume_bitwise_exactly_and_log_their_terms(dataset, preset, tmp_path):
     """LayerSync, Dispersive Loss and SRA together (SRA's head is in the checkpoint; its teacher is the generation
     EMA, which is too)."""

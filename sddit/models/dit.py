@@ -142,19 +142,23 @@ def scatter_tokens(fill, x_visible, ids):
 # ---------------------------------------------------------------------------------------------
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, cond_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    """`attn`: another attention than timm's (MDT's, with a relative-position bias); what the block's forward
+    gets beyond x and c goes to it."""
+
+    def __init__(self, hidden_size: int, cond_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 attn: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = attn if attn is not None else Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 6 * hidden_size))
 
-    def forward(self, x, c, open_tokens: int = 0):          # x: [N, T, D], c: [N, C]
+    def forward(self, x, c, open_tokens: int = 0, **attn_options):   # x: [N, T, D], c: [N, C]
         """`open_tokens`: leading rows (the CLS) whose residual paths are open at init rather than zero-gated."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         gate_msa, gate_mlp = (residual_gate(gate, open_tokens, x.shape[1]) for gate in (gate_msa, gate_mlp))
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), **attn_options)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -273,6 +277,9 @@ class Backbone(nn.Module):
         self.patch_size = config.patch_size
         self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
         self.position_span = config.pos_embed_grid or config.input_size // config.patch_size
+        if config.backbone == "mdt":
+            self.encoder, self.decoder = mdt_parts(config, self.out_channels)
+            return
         self.encoder = Encoder(
             input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
             hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
@@ -298,6 +305,19 @@ class Backbone(nn.Module):
         tokens, c, patches, tapped = self.encoder(x, t, y, ids_keep, taps)
         out = self.decoder(tokens[:, self.encoder.num_extra_tokens:], c, patches, ids_keep)
         return self.unpatchify(out), tokens, tapped
+
+
+def mdt_parts(config, out_channels: int):
+    """MDT's encoder and decoder (sddit/models/mdt.py, which builds on this file's blocks: imported here)."""
+    from sddit.models.mdt import MDTDecoder, MDTEncoder
+    grid = config.input_size // config.patch_size
+    encoder = MDTEncoder(input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
+                         hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
+                         mlp_ratio=config.mlp_ratio, num_classes=config.num_classes)
+    decoder = MDTDecoder(num_patches=grid * grid, patch_size=config.patch_size, out_channels=out_channels,
+                         hidden_size=config.hidden_size, depth=config.decoder_depth, num_heads=config.num_heads,
+                         mlp_ratio=config.mlp_ratio, grid=grid)
+    return encoder, decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,9 +351,12 @@ def initialize_backbone(net: Backbone) -> None:
         if token is not None:
             nn.init.normal_(token, std=0.02)
 
-    for block in [*enc.blocks, *dec.blocks]:
+    side = getattr(dec, "side_interpolater", None)         # MDT's
+    for block in [*enc.blocks, *dec.blocks, *([side] if side is not None else [])]:
         nn.init.zeros_(block.adaLN_modulation[-1].weight)
         nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if hasattr(block.attn, "bias_table"):               # MDT's relative-position bias, as BEiT's
+            nn.init.trunc_normal_(block.attn.bias_table, std=0.02)
     nn.init.zeros_(dec.final_layer.adaLN_modulation[-1].weight)
     nn.init.zeros_(dec.final_layer.adaLN_modulation[-1].bias)
     nn.init.zeros_(dec.final_layer.linear.weight)

@@ -29,8 +29,13 @@ class ModelConfig:
     # a checkpoint of another resolution keeps the checkpoint's span, its own grid resampled onto it
     pos_embed_grid: int = 0
     sigma_data: float = 0.5
+    # "dit", or "mdt": MDT's backbone (sddit/models/mdt.py: relative-position attention, learned positions, long
+    # skips, the side-interpolater; its decoder at the encoder's width, decoder_hidden_size and _num_heads unused)
+    backbone: str = "dit"
     # masking and decoder
     mask_ratio: float = 0.0               # fraction of patch tokens the encoder does not see
+    mask_ratio_spread: float = 0.0        # MDT's schedule: each step's ratio drawn from U(mask_ratio, + spread)
+    unmasked_pass: bool = False           # MDT: each step also denoises the unmasked image, its loss added
     mask_block_size: int = 1              # mask in blocks of b x b patches (MaskDM); 1: uniform random patches
     mask_crop: bool = False               # the visible tokens are one random square crop (MaskDM's crop masks)
     mask_token: bool = False              # fill invisible tokens with a learned token (MaskDiT) or the noisy patches (SD-DiT)
@@ -95,6 +100,18 @@ class ModelConfig:
         need(self.hidden_size % self.num_heads == 0, "num_heads",
              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         need(0.0 <= self.mask_ratio < 1.0, "mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
+        need(self.mask_ratio_spread >= 0 and self.mask_ratio + self.mask_ratio_spread < 1.0, "mask_ratio_spread",
+             f"needs >= 0 and mask_ratio + spread < 1, got {self.mask_ratio_spread} at mask_ratio {self.mask_ratio}")
+        need(not self.unmasked_pass or self.mask_ratio > 0, "unmasked_pass",
+             "an extra unmasked pass needs a masked one (mask_ratio > 0)")
+        need(self.backbone in ("dit", "mdt"), "backbone", f"must be dit or mdt, got {self.backbone!r}")
+        if self.backbone == "mdt":
+            need(self.depth % 2 == 0, "depth", f"MDT's long skips pair the encoder's two halves: needs an even "
+                                               f"depth, got {self.depth}")
+            need(not self.cls_token, "cls_token", "MDT's backbone has no CLS token (no discriminative branch)")
+            need(not self.mask_token, "mask_token", "MDT's side-interpolater brings its own mask token; "
+                                                    "model.mask_token is MaskDiT's")
+            need(self.pos_embed_grid == 0, "pos_embed_grid", "MDT's position embeddings are learned, not resampled")
         grid = self.input_size // self.patch_size
         need(1 <= self.mask_block_size <= grid, "mask_block_size",
              f"must be in 1..{grid} (the patch grid's side), got {self.mask_block_size}")
@@ -180,13 +197,28 @@ SWITCHES = {
     "DiT": dict(),
     "MaskDiT": dict(mask_ratio=0.5, mask_token=True, mae_weight=0.1),
     "SD-DiT": dict(mask_ratio=0.2, cls_token=True, disc_weight=1.0),
+    # MDT(v2)'s training script: mask ratio 0.3 + U(0, 0.2) per step, a masked and an unmasked pass
+    "MDT": dict(backbone="mdt", mask_ratio=0.3, mask_ratio_spread=0.2, unmasked_pass=True),
 }
-SWITCH_FIELDS = ("mask_ratio", "mask_token", "mae_weight", "cls_token", "disc_weight", "repa_weight",
-                 "layersync_weight", "dispersive_weight", "sra_weight")
-FAMILIES = {family: {**switches, **(LIGHT_DECODER if switches else {})} for family, switches in SWITCHES.items()}
+SWITCH_FIELDS = ("backbone", "mask_ratio", "mask_ratio_spread", "unmasked_pass", "mask_token", "mae_weight",
+                 "cls_token", "disc_weight", "repa_weight", "layersync_weight", "dispersive_weight", "sra_weight")
+FAMILIES = {family: {**switches, **(LIGHT_DECODER if family in ("MaskDiT", "SD-DiT") else {})}
+            for family, switches in SWITCHES.items()}
+# MDT's decoder blocks are part of the size's depth, at its width: the reference's commands use 6 of S/2's 12
+# and 4 of XL/2's 28 (B and L, which it does not train, follow S and XL)
+MDT_DECODER_DEPTH = {"S": 6, "B": 6, "L": 4, "XL": 4}
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in FAMILIES for size in SIZES for patch in PATCH_SIZES)
-_NAME = re.compile(r"^(DiT|MaskDiT|SD-DiT)-(S|B|L|XL)/(2|4|8)$")
+_NAME = re.compile(r"^(DiT|MaskDiT|SD-DiT|MDT)-(S|B|L|XL)/(2|4|8)$")
+
+
+def architecture(family: str, size: str) -> dict:
+    """The size's width, depth and heads as `family` lays them out (MDT: the depth split into encoder and
+    decoder)."""
+    if family != "MDT":
+        return SIZES[size]
+    decoder = MDT_DECODER_DEPTH[size]
+    return {**SIZES[size], "depth": SIZES[size]["depth"] - decoder, "decoder_depth": decoder}
 
 
 def parse_name(name: str):
@@ -214,7 +246,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
     for key in overrides:
         if key not in known:
             raise ConfigError(f"model.{key}", f"unknown field; known fields: {', '.join(sorted(known))}")
-    fields = {**SIZES[size], **FAMILIES[family], "patch_size": patch, **overrides}
+    fields = {**architecture(family, size), **FAMILIES[family], "patch_size": patch, **overrides}
     return ModelConfig(name=name, **fields).validate()
 
 
@@ -226,7 +258,7 @@ def family_overrides(family: str) -> list[str]:
         raise ConfigError("model.name", f"unknown family {family!r}; expected one of {', '.join(SWITCHES)}")
     defaults = ModelConfig()
     values = {field: SWITCHES[family].get(field, getattr(defaults, field)) for field in SWITCH_FIELDS}
-    if "decoder_depth" not in FAMILIES[family]:
+    if family == "DiT":
         values["decoder_depth"] = 0
     return [f"model.{field}={str(value).lower() if isinstance(value, bool) else value}"
             for field, value in values.items()]
