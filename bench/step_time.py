@@ -9,7 +9,7 @@ the token grid, REPA's tap depth for the size), and the cost of the term is repo
     python bench/step_time.py --size S/2 --batch-size 8 --steps 5          # CPU
     python bench/step_time.py --size S/2 --batch-size 256 --device cuda    # GPU
     python bench/step_time.py --size B/2 --batch-size 8 --repa             # the REPA term's cost
-    python bench/step_time.py --size S/2 --batch-size 8 --self-supervision # LayerSync's, Dispersive Loss's, SRA's
+    python bench/step_time.py --size S/2 --batch-size 8 --self-supervision # LayerSync's, Dispersive Loss's, SRA's; MDT
 """
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ def main():
         rows += [measure_training(f"DiT-{args.size}", batch_size=batch_size, device=device, precision=args.precision,
                                   compile=args.compile, input_size=args.input_size, steps=args.steps,
                                   warmup=max(args.warmup, 1), term=term) for term in SELF_SUPERVISION]
+        # MDT, the study's other arm that is not DiT plus a term: its side-interpolater and second, unmasked pass
+        rows.append(measure_training(f"MDT-{args.size}", batch_size=batch_size, device=device,
+                                     precision=args.precision, compile=args.compile, input_size=args.input_size,
+                                     steps=args.steps, warmup=max(args.warmup, 1)))
     plain = [row for row in rows if not row["repa"] and not row["term"]]
     dit, sddit = plain[0], plain[2]
     ratio = sddit["step_s"] / dit["step_s"]
@@ -174,6 +178,10 @@ def main():
                 record["term_over_dit_step_time"][row["term"]] = cost
                 print(f"{row['term']} term on {dit['model']}: step time {cost:.2f}x, activations "
                       f"{row['activation_mib'] / dit['activation_mib']:.2f}x")
+        mdt = rows[-1]
+        record["mdt_over_dit_step_time"] = mdt["step_s"] / dit["step_s"]
+        print(f"{mdt['model']} / {dit['model']} step time: {record['mdt_over_dit_step_time']:.2f}x, parameters "
+              f"{mdt['student_params_m'] / dit['student_params_m']:.2f}x")
     if args.repa:
         record["repa_over_plain_step_time"] = {}
         with_families = [row for row in rows if not row["term"]]

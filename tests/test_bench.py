@@ -69,6 +69,9 @@ def test_step_time_bench_times_the_self_supervision_terms_beside_dit(tmp_path):
     sra = rows["DiT-S/8 + sra"]                           # its head, and a teacher forward of the EMA's encoder
     assert sra["student_params_m"] > dit["student_params_m"] and sra["gflops_per_image"] > dit["gflops_per_image"]
     assert set(record["term_over_dit_step_time"]) == {"layersync", "dispersive", "sra"}
+    mdt = rows["MDT-S/8"]                                 # a second, unmasked pass: more FLOPs per image than DiT
+    assert mdt["gflops_per_image"] > dit["gflops_per_image"] and mdt["loss_finite"]
+    assert record["mdt_over_dit_step_time"] == mdt["step_s"] / dit["step_s"]
 
 
 def test_loader_scale_bench_measures_each_size_and_worker_count(tmp_path):

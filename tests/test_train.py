@@ -123,6 +123,28 @@ def test_a_checkpoint_from_before_cls_gate_loads_with_the_gate_it_was_trained_wi
     assert load_checkpoint(path)["config"].model.cls_gate == "zero"
 
 
+def test_residual_probe_trains_an_arm_and_records_the_stream_at_every_point(dataset, preset, tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "probe.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run([sys.executable, str(root / "bench/residual_probe.py"), "--arm", "DiT-Dispersive",
+                              "--preset", str(preset), "--data", str(dataset), "--steps", "4", "--every", "2",
+                              "--probe-images", "8", "--out", str(out)],
+                             check=True, capture_output=True, text=True).stdout
+    points = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 2, 4] and "step 4: token rms" in printed
+    assert all(p["label"] == "DiT-Dispersive" and len(p["token_rms"]) == 2 for p in points)
+    # adaLN-Zero: every block is the identity at init, so the stream leaves each block as it entered
+    assert points[0]["token_rms"][0] == points[0]["token_rms"][1] > 0
+    assert points[0]["pair_distance_per_dim"] > 0 and points[0]["denoise_error_sigma1"] > 0
+    assert "batch_loss_dispersive" in points[1] and points[1]["batch_loss_dispersive"] <= 0
+    table = subprocess.run([sys.executable, str(root / "bench/residual_probe.py"), "--table", str(out)],
+                           check=True, capture_output=True, text=True).stdout
+    assert f"| DiT-Dispersive | 0 | {points[0]['token_rms'][-1]:.1f} |" in table
+
+
 @pytest.mark.parametrize("cls_gate", ["open", "zero"])
 def test_cls_probe_trains_and_records_the_teachers_cls_at_every_point(dataset, preset, tmp_path, cls_gate):
     import json
