@@ -131,3 +131,21 @@ def test_demo_timing_records_a_failed_run_and_goes_on(tmp_path):
     assert [r["run"] for r in records] == [1, 2] and all(r["exit_status"] != 0 for r in records)
     assert "summary_wall_s" not in records[0]
     assert "| 1 |" in result.stdout and "failed (exit status" in result.stdout
+
+
+def test_ray_memory_sorts_processes_into_roles_and_records_their_pss(tmp_path):
+    import re
+
+    from bench.ray_memory import main, role_of
+    driver = re.compile(r"pipelines/study\.py")
+    dashboard_helper = ("/venv/bin/python -B -c from multiprocessing.forkserver import main; main(25, 27, ['ray', "
+                        "'ray.dashboard.subprocesses.module', '__main__'], pipelines/study.py")
+    assert role_of("ray::TrainController.run", driver) == "ray::TrainController"
+    assert role_of("/venv/lib/ray/core/src/ray/raylet/raylet --flag=/ray/dashboard/agent.py", driver) == "raylet"
+    assert role_of(dashboard_helper, driver) == "dashboard"
+    assert role_of(".venv/bin/python pipelines/study.py --study x", driver) == "driver"
+    assert role_of("bash -c make test", driver) is None
+    out = tmp_path / "memory.jsonl"
+    record = main(["--label", "this test", "--driver-pattern", "pytest|test_bench", "--out", str(out)])
+    assert record["roles"]["driver"]["processes"] >= 1 and record["roles"]["driver"]["pss_mib"] > 0
+    assert json.loads(out.read_text()) == record
