@@ -59,6 +59,21 @@ def shared_options(*flags: str, **helps: str) -> argparse.ArgumentParser:
     return parent
 
 
+def parse_options(parser: argparse.ArgumentParser, options_type, argv=None):
+    """argv -> a stage's typed options (a dataclass whose fields are the parser's destinations). The options
+    validate themselves (their __post_init__, raising ConfigError named after the flag), so a stage called from
+    Python with options it built (full_run) is checked by the same code as one called from its command line;
+    here a refused value ends as argparse's own errors do (usage, the message, exit status 2)."""
+    from sddit.errors import ConfigError
+    namespace = parser.parse_args(argv)
+    try:
+        options = options_type(**vars(namespace))
+    except ConfigError as error:
+        parser.error(str(error))
+    set_verbose(getattr(options, "verbose", False))
+    return options
+
+
 def train_logging():
     """Ray Train's console log level: its per-report INFO lines and its warnings only when verbose, errors always.
     Its warnings include one with a traceback whenever its controller's resource request to the autoscaling

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,9 @@ from sddit import code_version
 from sddit.codecs import DEFAULT_VAE, make_codec
 from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Manifest, file_sha256,
                         read_shard_metadata, shard_name, shard_schema, shard_table, tensor_spec, write_shard)
+from sddit.errors import ConfigError
 from sddit.image_folder import find_class_names, list_image_folder, load_image
-from pipelines.common import (Progress, init_ray, quiet_ray_data_console, run_cli, set_verbose,
-                              shared_options)
+from pipelines.common import Progress, init_ray, parse_options, quiet_ray_data_console, run_cli, shared_options
 
 SETTINGS_FILE = "encode_settings.json"
 SHARD_BYTES = 32 << 20              # the default shard's tensor bytes: the reader's two windows hold 8 shards
@@ -35,7 +35,38 @@ MAX_ROWS_PER_SHARD = 2048
 CRASH_AFTER_ENV = "SDDIT_FAULT_ENCODE_EXIT_AFTER_SHARDS"
 
 
-def parse_args(argv=None):
+@dataclass
+class EncodeOptions:
+    """What one encoding does (the command line's flags, typed; checked here for every caller)."""
+    data: str
+    out: str
+    codec: str = "sd-vae"
+    vae: str = DEFAULT_VAE
+    resolution: int = 256
+    flip: bool = True
+    limit_per_class: int | None = None
+    rows_per_shard: int | None = None
+    batch_size: int | None = None
+    repa_encoder: str | None = None
+    repa_encoder_weights: str | None = None
+    address: str | None = None
+    run_dir: str = "runs"
+    verbose: bool = False
+
+    def __post_init__(self):
+        if self.codec not in ("sd-vae", "pixel"):
+            raise ConfigError("--codec", f"must be sd-vae or pixel, got {self.codec!r}")
+        if self.resolution < 8 or (self.codec == "sd-vae" and self.resolution % 8):
+            raise ConfigError("--resolution", f"must be >= 8 (and a multiple of 8 for sd-vae), got {self.resolution}")
+        if self.rows_per_shard is not None and self.rows_per_shard < 2:
+            raise ConfigError("--rows-per-shard", f"must be >= 2, got {self.rows_per_shard}")
+        if self.limit_per_class is not None and self.limit_per_class < 1:
+            raise ConfigError("--limit-per-class", f"must be >= 1, got {self.limit_per_class}")
+        if self.repa_encoder_weights and not self.repa_encoder:
+            raise ConfigError("--repa-encoder-weights", "needs --repa-encoder")
+
+
+def parse_args(argv=None) -> EncodeOptions:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[shared_options("--address", "--run-dir", "--verbose")])
     parser.add_argument("--data", required=True, help="input root: ROOT/<class folder>/<images>, labels in sorted folder order")
@@ -60,17 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--repa-encoder-weights", default=None,
                         help="its local weights file (nothing is downloaded; for DINOv2 the model.safetensors of "
                              "timm/vit_base_patch14_dinov2.lvd142m)")
-    args = parser.parse_args(argv)
-    set_verbose(args.verbose)
-    if args.resolution < 8 or (args.codec == "sd-vae" and args.resolution % 8):
-        parser.error(f"--resolution {args.resolution}: must be >= 8 (and a multiple of 8 for sd-vae)")
-    if args.rows_per_shard is not None and args.rows_per_shard < 2:
-        parser.error(f"--rows-per-shard {args.rows_per_shard}: must be >= 2")
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        parser.error(f"--limit-per-class {args.limit_per_class}: must be >= 1")
-    if args.repa_encoder_weights and not args.repa_encoder:
-        parser.error("--repa-encoder-weights needs --repa-encoder")
-    return args
+    return parse_options(parser, EncodeOptions, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +240,7 @@ def plan(items: list, rows_per_shard: int, flip: bool) -> list[dict]:
     return [{"shard": i // per_shard, "image_id": items[k][0], "label": items[k][1]} for i, k in enumerate(order)]
 
 
-def encode(args) -> Manifest:
+def encode(args: EncodeOptions) -> Manifest:
     started = time.time()
     out = Path(args.out)
     root = Path(args.data)
@@ -308,7 +329,7 @@ def encode(args) -> Manifest:
     return manifest
 
 
-def log_run(args, manifest: Manifest, codec, *, images_done: int, seconds: float, bytes_written: int,
+def log_run(args: EncodeOptions, manifest: Manifest, codec, *, images_done: int, seconds: float, bytes_written: int,
             started: float) -> None:
     """The stage's MLflow run: parameters, throughput, skips, and decoded samples from the shards."""
     import mlflow

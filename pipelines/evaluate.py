@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,64 @@ from sddit import code_version
 from sddit.checkpoint import load_checkpoint, load_generator, resolve
 from sddit.codecs import make_codec
 from sddit.evaluation import compute_metrics
+from sddit.errors import ConfigError
 from sddit.extractors import WEIGHTS_ENV
 from sddit.reference import load_reference, make_extractor
 from sddit.sampling import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,
                             check_protocol, finished_batches, iter_sample_batches, sample_batch, sampling_network,
                             write_batch)
-from pipelines.common import Progress, init_ray, run_cli, set_verbose, shared_options
+from pipelines.common import Progress, init_ray, parse_options, run_cli, shared_options
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
 
-def parse_args(argv=None):
+@dataclass
+class EvaluateOptions:
+    """What one evaluation does (the command line's flags, typed; checked here for every caller)."""
+    checkpoint: str
+    num_samples: int = 50_000
+    steps: int = 40
+    cfg_scale: float = 1.5
+    reference: str | None = None
+    extractor: str = "inception"
+    inception_weights: str | None = None
+    out: str | None = None
+    batch_size: int = 64
+    seed: int = 0
+    guidance_interval: tuple[float, float] | None = None    # the command line's "LO,HI" is parsed here
+    guidance_channels: int | None = None
+    guidance_factor: float = 1.0
+    label_mode: str = "balanced"
+    precision: str = "fp32"
+    compile: bool = False
+    png: bool = False
+    address: str | None = None
+    run_dir: str = "runs"
+    verbose: bool = False
+
+    def __post_init__(self):
+        for flag, choices in (("extractor", ("inception", "domain")), ("label_mode", tuple(sorted(LABEL_MODES))),
+                              ("precision", ("fp32", "bf16"))):
+            if getattr(self, flag) not in choices:
+                raise ConfigError(f"--{flag.replace('_mode', 's')}", f"must be one of {', '.join(choices)}, "
+                                                                     f"got {getattr(self, flag)!r}")
+        for flag, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):
+            if getattr(self, flag) < minimum:
+                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= {minimum}, got {getattr(self, flag)}")
+        if self.cfg_scale < 0:
+            raise ConfigError("--cfg-scale", f"must be >= 0, got {self.cfg_scale}")
+        if isinstance(self.guidance_interval, str):
+            try:
+                lo, hi = (float(v) for v in self.guidance_interval.split(","))
+            except ValueError:
+                raise ConfigError("--guidance-interval", f"expected LO,HI, e.g. 0.28,5.42, got "
+                                                         f"{self.guidance_interval!r}") from None
+            self.guidance_interval = (lo, hi)
+        if self.guidance_interval is not None and not 0 <= self.guidance_interval[0] < self.guidance_interval[1]:
+            raise ConfigError("--guidance-interval", f"needs 0 <= LO < HI, got {self.guidance_interval}")
+
+
+def parse_args(argv=None) -> EvaluateOptions:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[shared_options("--address", "--run-dir", "--verbose")])
     parser.add_argument("--checkpoint", required=True,
@@ -89,22 +137,7 @@ def parse_args(argv=None):
                              "faster steps; on a GPU it needs triton); samples differ from eager ones only by "
                              "floating-point rounding (default: eager)")
     parser.add_argument("--png", action="store_true", help="also write every sample as <out>/png/NNNNNN.png")
-    args = parser.parse_args(argv)
-    set_verbose(args.verbose)
-    for name, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {minimum}")
-    if args.cfg_scale < 0:
-        parser.error(f"--cfg-scale {args.cfg_scale}: must be >= 0")
-    if args.guidance_interval is not None:
-        try:
-            lo, hi = (float(v) for v in args.guidance_interval.split(","))
-        except ValueError:
-            parser.error(f"--guidance-interval {args.guidance_interval!r}: expected LO,HI, e.g. 0.28,5.42")
-        if not 0 <= lo < hi:
-            parser.error(f"--guidance-interval {args.guidance_interval}: needs 0 <= LO < HI")
-        args.guidance_interval = (lo, hi)
-    return args
+    return parse_options(parser, EvaluateOptions, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +268,7 @@ def write_pngs(out: Path, plan: SamplingPlan) -> Path:
     return folder
 
 
-def evaluate(args, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
+def evaluate(args: EvaluateOptions, keep_actors: bool = False) -> tuple[dict[str, float], Path]:
     """(metrics, the output directory) of one evaluation. `keep_actors`: leave the sampling actors up for the
     caller's next evaluation (then call `release_sampling_actors` when done)."""
     started = time.time()

@@ -110,9 +110,11 @@ def run_stages(args, plan: Plan, ray) -> dict:
     from tuning import sweep
 
     stages = args.stages.split(",")
-    common = ["--run-dir", str(plan.run_dir)] + (["--address", args.address or "auto"] if args.cluster else [])
+    # what every stage shares: where MLflow and checkpoints go, and the cluster (locally: a runtime of its own)
+    common = dict(run_dir=str(plan.run_dir), address=(args.address or "auto") if args.cluster else None)
+    storage = str(plan.storage / "ray")
     num_workers = args.num_workers or (int(ray.cluster_resources().get("GPU", 0)) or 1 if args.cluster else 1)
-    use_gpu = ["--use-gpu"] if args.cluster and ray.cluster_resources().get("GPU", 0) else []
+    use_gpu = bool(args.cluster and ray.cluster_resources().get("GPU", 0))
     # seconds spent in optimiser steps (sweep trials and final training); the rest of the wall time is overhead
     summary: dict = {"stages": {}, "step_seconds": 0.0}
 
@@ -121,25 +123,25 @@ def run_stages(args, plan: Plan, ray) -> dict:
         if args.data is None:
             from pipelines.demo_data import write_digits
             write_digits(plan.images)
-        encode.main(["--data", str(plan.images), "--out", str(plan.dataset), "--codec", plan.codec, "--vae", args.vae,
-                     "--resolution", str(plan.config.data.resolution)] + ([] if plan.flip else ["--no-flip"]) + common)
+        encode.encode(encode.EncodeOptions(data=str(plan.images), out=str(plan.dataset), codec=plan.codec,
+                                           vae=args.vae, resolution=plan.config.data.resolution, flip=plan.flip,
+                                           **common))
         summary["stages"]["encode"] = stage_done("encode", start)
 
     preset, init_from, parameter_plot = args.preset, None, None
     if "tune" in stages:
         start = stage_started("tune")
-        result = sweep.main(["--data", str(plan.dataset), "--preset", args.preset, "--num-samples", str(plan.sweep_samples),
-                             "--budget-steps", str(plan.sweep_budget), "--name", f"sweep-{plan.name}",
-                             "--storage", str(plan.storage / "ray"), "--resume"]
-                            # locally: all trials at once (the demo's two on one CPU each), each to its full
-                            # budget with one proxy FID at the end, drawn like the final evaluation's (early
-                            # stopping saves little at this size, and a stopped trial's worker dies mid-step)
-                            + ([] if args.cluster else ["--max-concurrent", str(plan.sweep_samples),
-                                                        "--scheduler", "none", "--proxy-samples", "100",
-                                                        "--proxy-heun-steps", str(plan.eval_steps),
-                                                        "--proxy-every", str(plan.sweep_budget)])
-                            + (["--space", str(DEMO_SPACE)] if args.preset == "demo" else []) + common,
-                            wait_for_plot=False)
+        # locally: all trials at once (the demo's two on one CPU each), each to its full budget with one proxy
+        # FID at the end, drawn like the final evaluation's (early stopping saves little at this size, and a
+        # stopped trial's worker dies mid-step)
+        local = {} if args.cluster else dict(max_concurrent=plan.sweep_samples, scheduler="none", proxy_samples=100,
+                                             proxy_heun_steps=plan.eval_steps, proxy_every=plan.sweep_budget)
+        result = sweep.run(sweep.SweepOptions(data=str(plan.dataset), preset=args.preset,
+                                              num_samples=plan.sweep_samples, budget_steps=plan.sweep_budget,
+                                              name=f"sweep-{plan.name}", storage=storage, resume=True,
+                                              **({"space": str(DEMO_SPACE)} if args.preset == "demo" else {}),
+                                              **local, **common),
+                           wait_for_plot=False)
         parameter_plot = result["parameter_plot"]           # drawn while the final training starts
         preset, init_from = result["best_config"], result["best_checkpoint"]
         summary["stages"]["tune"] = stage_done("tune", start)
@@ -151,10 +153,9 @@ def run_stages(args, plan: Plan, ray) -> dict:
     checkpoint = None
     if "train" in stages:
         start = stage_started("train")
-        extra = ["--init-from", init_from] if init_from else []
-        result = train.main(["--data", str(plan.dataset), "--preset", str(preset), "--steps", str(plan.train_steps),
-                             "--num-workers", str(num_workers), "--name", f"final-{plan.name}",
-                             "--storage", str(plan.storage / "ray")] + use_gpu + extra + common)
+        result = train.train(train.TrainOptions(data=str(plan.dataset), preset=str(preset), steps=plan.train_steps,
+                                                num_workers=num_workers, name=f"final-{plan.name}", storage=storage,
+                                                use_gpu=use_gpu, init_from=init_from, **common))
         checkpoint = result["checkpoint"]
         summary["step_seconds"] += (result["metrics"] or {}).get("step_seconds", 0.0)
         summary["stages"]["train"] = stage_done("train", start)
@@ -164,15 +165,13 @@ def run_stages(args, plan: Plan, ray) -> dict:
         if checkpoint is None:
             raise ConfigError("stages", "evaluate needs the train stage in the same run (its checkpoint)")
         start = stage_started("evaluate")
-        evaluation = ["--steps", str(plan.eval_steps),
-                      "--extractor", plan.extractor, "--precision", args.eval_precision] + (
-            ["--compile"] if args.eval_compile else []) + (["--reference", args.reference] if args.reference else []) + (
-            ["--inception-weights", args.inception_weights] if args.inception_weights else []) + common
 
         def evaluated(source, cfg_scale: float, num_samples: int) -> tuple[dict, Path]:
-            return evaluate.evaluate(evaluate.parse_args(["--checkpoint", str(source), "--cfg-scale", f"{cfg_scale:g}",
-                                                          "--num-samples", str(num_samples)] + evaluation),
-                                     keep_actors=True)
+            options = evaluate.EvaluateOptions(
+                checkpoint=str(source), cfg_scale=cfg_scale, num_samples=num_samples, steps=plan.eval_steps,
+                extractor=plan.extractor, precision=args.eval_precision, compile=args.eval_compile,
+                reference=args.reference, inception_weights=args.inception_weights, **common)
+            return evaluate.evaluate(options, keep_actors=True)
 
         # FID at CFG 1 (the comparable number), and at the demo's guidance for recognisability; the three
         # evaluations share their sampling actors

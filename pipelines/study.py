@@ -117,22 +117,19 @@ def run_grid(args, plan: dict, todo: list[str], parent_run_id: str, uri: str, ru
 
     from pipelines.common import init_ray, tune_verbosity
     from pipelines.tracking import use_store
-    from pipelines.trials import root_cause, trial_resources, trial_runs_callback, trial_trainable
+    from pipelines.trials import TrialContext, root_cause, trial_resources, trial_runs_callback, trial_trainable
 
     runs = plan["runs"] if runs is None else runs
     storage = storage_of(args)
     ray = init_ray(args.address)
     concurrent, cpus_per_worker, gpus_per_worker = trial_resources(
         ray, 1, 1 if args.use_gpu else 0, args.max_concurrent)
-    context = {
-        "base_config": plan["base"].to_dict(), "data": str(Path(args.data).resolve()),
-        "runs": {label: runs[label] for label in todo}, "sweep_run_id": parent_run_id, "mlflow_uri": uri,
-        "experiment_id": use_store(uri).experiment_id,
-        "storage": str(storage), "workers": 1, "cpus_per_worker": cpus_per_worker,
-        "gpus_per_worker": gpus_per_worker,
-        "proxy": {"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
-                  "extractor": plan["extractor"], "reference": plan["judge_dir"]},
-    }
+    context = TrialContext(
+        base_config=plan["base"], data=str(Path(args.data).resolve()), runs={label: runs[label] for label in todo},
+        parent_run_id=parent_run_id, mlflow_uri=uri, experiment_id=use_store(uri).experiment_id,
+        storage=str(storage), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        proxy={"every": plan["every"], "num_samples": args.eval_samples, "heun_steps": args.eval_heun_steps,
+               "extractor": plan["extractor"], "reference": plan["judge_dir"]})
     steps = runs[todo[0]].get("steps", plan["steps"])
     print(f"study {plan['name']}: {len(todo)} {what} of {steps} steps ({steps * plan['base'].optim.batch_size} images), "
           f"{concurrent} at a time with {cpus_per_worker} CPU(s) each", flush=True)

@@ -17,7 +17,7 @@ from pipelines.study_plan import PAPER
 METRICS = ("fid", "sfid", "is", "precision", "recall", "class_agreement")
 LOSSES = ("loss_gen", "loss_mae", "loss_cls", "loss_patch", "loss_repa", "target_entropy_cls", "target_entropy_patch",
           "agreement_cls", "agreement_patch", "teacher_cls_token_std", "teacher_cls_logit_std", "loss_layersync",
-          "loss_dispersive", "loss_sra", "sra_cosine")
+          "loss_dispersive", "loss_sra", "sra_cosine", "loss_unmasked", "loss_masked_patches")
 
 
 def collect_rows(client, run_id: str, run: dict, plan: dict) -> list[dict]:
@@ -124,8 +124,9 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
               "| arm | seeds | FID | sFID | precision | recall | class agreement | loss_gen | loss_cls (ln K = "
               f"{math.log(plan['base'].model.head_out_size):.3f}) | target entropy CLS | teacher CLS token std | "
               "teacher CLS logit std | loss_patch | target entropy patch | agreement CLS | loss_repa (-cos) | "
-              "loss_layersync (-cos) | loss_dispersive | SRA cos | img/s | train s |",
-              "| --- |" + " --- |" * 20]
+              "loss_layersync (-cos) | loss_dispersive | SRA cos | MDT loss_unmasked | MDT loss_masked_patches | "
+              "img/s | train s |",
+              "| --- |" + " --- |" * 22]
     for arm, stats in final.items():
         cells = [str(stats.get("fid", (0, 0, 0))[2])] + [
             fmt(stats.get(c), d) for c, d in (("fid", 2), ("sfid", 2), ("precision", 3), ("recall", 3),
@@ -134,6 +135,7 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
                                               ("teacher_cls_logit_std", 4), ("loss_patch", 4),
                                               ("target_entropy_patch", 4), ("agreement_cls", 3), ("loss_repa", 3),
                                               ("loss_layersync", 3), ("loss_dispersive", 3), ("sra_cosine", 3),
+                                              ("loss_unmasked", 4), ("loss_masked_patches", 4),
                                               ("images_per_s", 0), ("train_seconds", 0))]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if flat_cls:

@@ -15,13 +15,14 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sddit.config import apply_overrides, load_preset, preset_names
+from sddit.config import Config, apply_overrides, load_preset, preset_names
 from sddit.data import Manifest
 from sddit.errors import ConfigError
 from sddit.models.registry import registry_fields
-from pipelines.common import run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.common import parse_options, run_cli, shared_options, warn_about_layout
 from pipelines.tracking import tag_query
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
@@ -29,7 +30,54 @@ from pipelines.tracking import tag_query
 KILL_ENV = "SDDIT_FAULT_KILL_WORKER"
 
 
-def parse_args(argv=None):
+@dataclass
+class TrainOptions:
+    """What one training does (the command line's flags, typed; checked here for every caller). None: the
+    preset's value."""
+    data: str
+    preset: str = "demo"
+    model: str | None = None
+    num_workers: int = 2
+    cpus_per_worker: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = None
+    init_from: str | None = None
+    name: str | None = None
+    max_failures: int = 3
+    overrides: list[str] = field(default_factory=list)
+    use_gpu: bool = False
+    run_dir: str = "runs"
+    storage: str | None = None
+    address: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self):
+        for flag in ("num_workers", "cpus_per_worker"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {value}")
+        if self.max_failures < 0:
+            raise ConfigError("--max-failures", f"must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class WorkerContext:
+    """What each Ray Train worker of a training gets, besides its rank (train_loop_config={"context": ...})."""
+    config: Config
+    data: str                           # the dataset's absolute path
+    mlflow_uri: str
+    mlflow_run: dict                    # find_or_create_run's arguments: rank 0 finds or creates the run
+    cpus_per_worker: float
+    name: str = "train"
+    init_from: str | None = None
+    kill: str | None = None             # KILL_ENV's value (a test's injected crash)
+    proxy: dict | None = None           # a trial's proxy evaluation: every, num_samples, heun_steps, extractor[, reference]
+    verbose: bool = False
+
+
+def parse_args(argv=None) -> TrainOptions:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[shared_options("--set", "--use-gpu", "--run-dir", "--storage", "--address", "--verbose")])
     parser.add_argument("--data", required=True, help="dataset directory written by pipelines/encode.py")
@@ -49,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. a sweep's best trial)")
     parser.add_argument("--name", default=None, help="run name; re-running with the same name resumes (default: from preset/model)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from (default 3)")
-    return parser.parse_args(argv)
+    return parse_options(parser, TrainOptions, argv)
 
 
 def resolve_config(args):
@@ -199,32 +247,32 @@ def maybe_kill(spec: str | None, rank: int, step: int) -> None:
             os._exit(1)
 
 
-def train_worker(context: dict) -> None:
+def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
     from sddit.checkpoint import load_checkpoint
-    from sddit.config import config_from_dict
     from sddit.training import dataset_info, train_loop
 
     import torch
+    context: WorkerContext = loop_config["context"]
     # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved (a fractional share still runs one thread)
-    torch.set_num_threads(max(1, int(context["cpus_per_worker"])))
-    if not context.get("verbose"):
+    torch.set_num_threads(max(1, int(context.cpus_per_worker)))
+    if not context.verbose:
         quiet_ray_train_reports()
     world = ray.train.get_context()
     rank, world_size = world.get_world_rank(), world.get_world_size()
-    config = config_from_dict(context["config"])
+    config = context.config
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = load_checkpoint(directory)
-    init_from = load_checkpoint(context["init_from"]) if context["init_from"] and resume is None else None
-    hooks = RayHooks(rank, context["mlflow_uri"], context["mlflow_run"],
-                     dataset_info(Manifest.read(context["data"]), context["data"]), context["kill"],
-                     context.get("proxy"), context.get("name", "train"), config.train.steps)
-    train_loop(config, context["data"], device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
+    init_from = load_checkpoint(context.init_from) if context.init_from and resume is None else None
+    hooks = RayHooks(rank, context.mlflow_uri, context.mlflow_run,
+                     dataset_info(Manifest.read(context.data), context.data), context.kill,
+                     context.proxy, context.name, config.train.steps)
+    train_loop(config, context.data, device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
                hooks=hooks, wrap_model=ray.train.torch.prepare_model if world_size > 1 else None,
                resume=resume, init_from=init_from)
 
@@ -264,14 +312,13 @@ def find_or_create_run(client, experiment_id: str, name: str, params: dict, pare
     return run_id
 
 
-def train(args):
+def train(args: TrainOptions):
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, torch_trainer, train_logging, verbose
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
-    set_verbose(args.verbose)
     config = resolve_config(args)                           # fails here, before any cluster work
     name = args.name or f"{Path(args.preset).stem}-{config.model.name.replace('/', '')}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()
@@ -288,10 +335,10 @@ def train(args):
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         trainer = torch_trainer(
             train_worker,
-            train_loop_config={"config": config.to_dict(), "data": str(Path(args.data).resolve()),
-                               "init_from": args.init_from, "mlflow_uri": uri, "mlflow_run": mlflow_run,
-                               "kill": os.environ.get(KILL_ENV), "cpus_per_worker": cpus_per_worker, "name": name,
-                               "verbose": verbose()},
+            train_loop_config={"context": WorkerContext(
+                config=config, data=str(Path(args.data).resolve()), init_from=args.init_from, mlflow_uri=uri,
+                mlflow_run=mlflow_run, kill=os.environ.get(KILL_ENV), cpus_per_worker=cpus_per_worker, name=name,
+                verbose=verbose())},
             scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(name=name, storage_path=str(storage), logging_config=train_logging(),

@@ -153,6 +153,32 @@ def test_the_options_stages_share_are_defined_once(module, required, flags, caps
     assert "options the stages share:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module, options_type, required, bad_flag, bad_value", [
+    ("pipelines.encode", "EncodeOptions", {"data": "d", "out": "o"}, "--resolution", "12"),
+    ("pipelines.evaluate", "EvaluateOptions", {"checkpoint": "c"}, "--guidance-interval", "5,1"),
+    ("pipelines.train", "TrainOptions", {"data": "d"}, "--num-workers", "0"),
+    ("tuning.sweep", "SweepOptions", {"data": "d"}, "--budget-steps", "0"),
+])
+def test_stage_options_are_typed_and_checked_once_for_the_command_line_and_python_callers(
+        module, options_type, required, bad_flag, bad_value, capsys):
+    """A stage's entry point takes its options as a dataclass: the command line's defaults are the dataclass's
+    (full_run builds them in Python), and a value out of range is refused by the same check from both."""
+    import importlib
+
+    stage = importlib.import_module(module)
+    options_type = getattr(stage, options_type)
+    argv = [a for key, value in required.items() for a in (f"--{key}", value)]
+    parsed = stage.parse_args(argv)
+    assert type(parsed) is options_type and parsed == options_type(**required)
+    with pytest.raises(SystemExit) as exit_:
+        stage.parse_args(argv + [bad_flag, bad_value])
+    assert exit_.value.code == 2 and f"{bad_flag}: " in capsys.readouterr().err
+    field = bad_flag.lstrip("-").replace("-", "_")
+    value = type(getattr(parsed, field) if getattr(parsed, field) is not None else "")(bad_value)
+    with pytest.raises(ConfigError, match=f"^{bad_flag}: "):
+        options_type(**required, **{field: value})
+
+
 def test_a_stage_cannot_give_its_own_help_to_a_shared_option_it_does_not_have():
     from pipelines.common import shared_options
     with pytest.raises(TypeError, match="use_gpu"):

@@ -186,6 +186,19 @@ def test_mlflow_ui_shows_the_pipeline_its_stages_a_chart_and_the_sample_grid(smo
                 expect(page.get_by_text(child, exact=True).first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(artifacts / "mlflow_ui_runs.png"))
 
+            # a click into a run: MLflow's own link drops the query, and its page is in the layout the browser
+            # remembers; the once-per-browser choice the docs give ("Model training" at the top left) is kept
+            # by every page reached by clicking from then on
+            page.locator(f"a[href*='{train.info.run_id}']").first.click()
+            expect(page.get_by_text("train final-demo", exact=True).first).to_be_visible(timeout=60_000)
+            page.get_by_text("Model training", exact=True).first.click()
+            assert_model_training_layout(page)
+            page.goto(f"{base}/runs", wait_until="load")         # no query: the remembered choice alone
+            page.locator(f"a[href*='{parent.info.run_id}']").first.click(timeout=60_000)
+            expect(page.get_by_text("full_run demo", exact=True).first).to_be_visible(timeout=60_000)
+            assert_model_training_layout(page)
+            page.screenshot(path=str(artifacts / "mlflow_ui_clicked_run.png"))
+
             # a metric chart of the training run
             page.goto(f"{base}/runs/{train.info.run_id}/model-metrics?{UI_QUERY}", wait_until="load")
             expect(page.get_by_text("loss_gen", exact=True).first).to_be_visible(timeout=60_000)

@@ -102,11 +102,13 @@ def test_the_driver_ends_a_trial_run_by_how_the_trial_ended(tmp_path):
 
     from pipelines.tracking import tracking_uri, use_store
     from pipelines.train import find_or_create_run
-    from pipelines.trials import trial_runs_callback
+    from pipelines.trials import TrialContext, trial_runs_callback
+    from sddit.config import Config
     uri = tracking_uri(tmp_path)
     experiment_id = use_store(uri).experiment_id
     client = MlflowClient(uri)
-    context = {"sweep_name": "probe", "mlflow_uri": uri, "experiment_id": experiment_id}
+    context = TrialContext(base_config=Config(), data="unused", mlflow_uri=uri, experiment_id=experiment_id,
+                           parent_run_id=None, storage="unused", cpus_per_worker=1, sweep_name="probe")
     run_ids = {trial_id: find_or_create_run(client, experiment_id, f"probe-{trial_id}", {"optim.lr": 1e-3})
                for trial_id in ("a_00000", "a_00001", "a_00002")}
     callback = trial_runs_callback(context)
@@ -121,7 +123,7 @@ def test_non_positive_sizes_are_refused_before_ray_starts(flag, capsys):
     from tuning.sweep import parse_args
     with pytest.raises(SystemExit):
         parse_args(["--data", "unused", flag, "0"])
-    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert f"{flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_random_search_samples_the_same_trials_for_the_same_seed(ray_session, tmp_path):
@@ -160,14 +162,13 @@ def test_a_trial_rerun_after_its_training_finished_still_reports_its_metric(swee
 
     from pipelines.tracking import tracking_uri, use_store
     from sddit.config import load_preset
-    from pipelines.trials import trial_trainable
+    from pipelines.trials import TrialContext, trial_trainable
     root, data, _ = sweep
     uri = tracking_uri(tmp_path / "runs")
-    context = {"base_config": load_preset(root / "tiny.yaml").to_dict(), "data": str(data),
-               "runs": {"only": {"overrides": [], "params": {}, "name": "finished"}},
-               "mlflow_uri": uri, "experiment_id": use_store(uri).experiment_id, "sweep_run_id": None,
-               "storage": str(tmp_path / "ray"), "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
-               "proxy": None}
+    context = TrialContext(base_config=load_preset(root / "tiny.yaml"), data=str(data),
+                           runs={"only": {"overrides": [], "params": {}, "name": "finished"}},
+                           mlflow_uri=uri, experiment_id=use_store(uri).experiment_id, parent_run_id=None,
+                           storage=str(tmp_path / "ray"), cpus_per_worker=1)
 
     def trial_result(experiment: str):
         tuner = tune.Tuner(trial_trainable(context), param_space={"run": "only"},

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -22,16 +23,53 @@ import yaml
 from sddit.config import apply_overrides, load_preset, preset_names, save_config
 from sddit.data import Manifest
 from sddit.errors import ConfigError
-from pipelines.common import run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.common import parse_options, run_cli, shared_options, warn_about_layout
 from pipelines.tracking import tag_query
-from pipelines.trials import (latest_checkpoint, prepare_judge, root_cause, trial_resources, trial_runs_callback,
-                              trial_trainable)
+from pipelines.trials import (TrialContext, latest_checkpoint, prepare_judge, root_cause, trial_resources,
+                              trial_runs_callback, trial_trainable)
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "sddit" / "presets" / "spaces" / "default.yaml"
 SPACE_TYPES = ("uniform", "loguniform", "choice", "grid")
 
 
-def parse_args(argv=None):
+@dataclass
+class SweepOptions:
+    """What one sweep does (the command line's flags, typed; checked here for every caller)."""
+    data: str
+    preset: str = "demo"
+    space: str = str(DEFAULT_SPACE)
+    num_samples: int = 8
+    search: str = "random"
+    scheduler: str = "asha"
+    budget_steps: int = 300
+    grace_steps: int | None = None      # None: budget_steps / 4
+    proxy_every: int | None = None      # None: grace_steps
+    proxy_samples: int = 200
+    proxy_heun_steps: int = 18
+    workers_per_trial: int = 1
+    gpus_per_trial: int = 0
+    max_concurrent: int | None = None
+    seed: int = 0
+    name: str | None = None
+    resume: bool = False
+    overrides: list[str] = field(default_factory=list)
+    run_dir: str = "runs"
+    storage: str | None = None
+    address: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self):
+        for flag, choices in (("search", ("random", "optuna", "grid")), ("scheduler", ("asha", "none"))):
+            if getattr(self, flag) not in choices:
+                raise ConfigError(f"--{flag}", f"must be one of {', '.join(choices)}, got {getattr(self, flag)!r}")
+        for flag in ("num_samples", "budget_steps", "proxy_samples", "proxy_heun_steps", "workers_per_trial"):
+            if getattr(self, flag) < 1:   # refused here, not minutes later inside a trial
+                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {getattr(self, flag)}")
+        self.grace_steps = self.grace_steps or max(self.budget_steps // 4, 1)
+        self.proxy_every = self.proxy_every or self.grace_steps
+
+
+def parse_args(argv=None) -> SweepOptions:
     shared = shared_options("--set", "--run-dir", "--storage", "--address", "--verbose",
                             set="fixed overrides of the base preset for every trial")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,13 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm (random, optuna)")
     parser.add_argument("--name", default=None, help="sweep name (default sweep-<preset>); --resume needs the same name")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
-    args = parser.parse_args(argv)
-    for flag in ("num_samples", "budget_steps", "proxy_samples", "proxy_heun_steps", "workers_per_trial"):
-        if getattr(args, flag) < 1:   # refused here, not minutes later inside a trial
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    args.grace_steps = args.grace_steps or max(args.budget_steps // 4, 1)
-    args.proxy_every = args.proxy_every or args.grace_steps
-    return args
+    return parse_options(parser, SweepOptions, argv)
 
 
 def load_space(path: str | Path, config_keys: set[str]) -> dict:
@@ -108,7 +140,7 @@ def make_searcher(search: str, metric: str, seed: int, max_concurrent: int = 0):
 # The sweep
 # ---------------------------------------------------------------------------------------------
 
-def sweep(args) -> dict:
+def sweep(args: SweepOptions) -> dict:
     import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -117,7 +149,6 @@ def sweep(args) -> dict:
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
     from sddit.training import fit_to_dataset
 
-    set_verbose(args.verbose)
     # everything that can be wrong is checked before Ray starts
     # trials run the preset for the sweep's budget; the best config keeps the preset's own schedule
     manifest = Manifest.read(args.data)
@@ -156,15 +187,13 @@ def sweep(args) -> dict:
                                "proxy_heun_steps": args.proxy_heun_steps,
                                "max_concurrent_trials": max_concurrent, "seed": args.seed})
             mlflow.log_dict(space, "search_space.yaml")
-        context = {
-            "base_config": base.to_dict(), "data": str(Path(args.data).resolve()), "space_keys": list(space),
-            "sweep_name": name, "sweep_run_id": sweep_run.info.run_id, "mlflow_uri": uri,
-            "experiment_id": experiment.experiment_id,
-            "storage": str(storage), "workers": args.workers_per_trial, "cpus_per_worker": cpus_per_worker,
-            "gpus_per_worker": gpus_per_worker,
-            "proxy": {"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
-                      "extractor": extractor},
-        }
+        context = TrialContext(
+            base_config=base, data=str(Path(args.data).resolve()), space_keys=list(space), sweep_name=name,
+            parent_run_id=sweep_run.info.run_id, mlflow_uri=uri, experiment_id=experiment.experiment_id,
+            storage=str(storage), workers=args.workers_per_trial, cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            proxy={"every": args.proxy_every, "num_samples": args.proxy_samples, "heun_steps": args.proxy_heun_steps,
+                   "extractor": extractor})
         trainable = trial_trainable(context)
         path = storage / name
         if args.resume and tune.Tuner.can_restore(str(path)):
@@ -250,13 +279,17 @@ def log_parameter_plot(trials: list[dict], keys: list[str], metric: str, path: P
     return path
 
 
-def main(argv=None, wait_for_plot: bool = True):
+def run(options: SweepOptions, wait_for_plot: bool = True) -> dict:
     """The sweep's summary; with wait_for_plot=False its "parameter_plot" may still be drawing (a Future that
     the caller waits for before it exits, as full_run does while its final training starts)."""
-    summary = sweep(parse_args(argv))
+    summary = sweep(options)
     if wait_for_plot:
         summary["parameter_plot"].result()
     return summary
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))
 
 
 def cli():
