@@ -123,7 +123,7 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
     return row
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="S/2", help="backbone size/patch shared by the three models (default S/2)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 8 on CPU, 256 on GPU)")
@@ -138,7 +138,7 @@ def main():
                         help=f"also time DiT with each self-supervision term ({', '.join(SELF_SUPERVISION)})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_time.jsonl"),
                         help="JSON-lines file the record is appended to")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 8)
 

@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_step_time(tmp_path, *flags) -> dict:
-    """The record bench/step_time.py appends for S/8 models on 16 x 16 latents, 2 images, one timed step."""
+    """The record bench/step_time.py appends for S/8 models on 16 x 16 latents, 2 images, one timed step (in this
+    process: the models are tiny, the interpreter's start-up with torch was most of a separate run's time)."""
+    from bench.step_time import main as step_time
     out = tmp_path / "step_time.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "bench/step_time.py"), "--size", "S/8", "--input-size", "16",
-                    "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", *flags,
-                    "--out", str(out)], check=True, capture_output=True)
+    step_time(["--size", "S/8", "--input-size", "16", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+               "--device", "cpu", *flags, "--out", str(out)])
     return json.loads(out.read_text().splitlines()[-1])
 
 

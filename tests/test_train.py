@@ -123,16 +123,14 @@ def test_a_checkpoint_from_before_cls_gate_loads_with_the_gate_it_was_trained_wi
     assert load_checkpoint(path)["config"].model.cls_gate == "zero"
 
 
-def test_residual_probe_trains_an_arm_and_records_the_stream_at_every_point(dataset, preset, tmp_path):
+def test_residual_probe_trains_an_arm_and_records_the_stream_at_every_point(dataset, preset, tmp_path, capsys):
     import json
-    import subprocess
-    import sys
+
+    from bench.residual_probe import main as residual_probe
     out = tmp_path / "probe.jsonl"
-    root = Path(__file__).resolve().parents[1]
-    printed = subprocess.run([sys.executable, str(root / "bench/residual_probe.py"), "--arm", "DiT-Dispersive",
-                              "--preset", str(preset), "--data", str(dataset), "--steps", "4", "--every", "2",
-                              "--probe-images", "8", "--out", str(out)],
-                             check=True, capture_output=True, text=True).stdout
+    residual_probe(["--arm", "DiT-Dispersive", "--preset", str(preset), "--data", str(dataset), "--steps", "4",
+                    "--every", "2", "--probe-images", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
     points = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 2, 4] and "step 4: token rms" in printed
     assert all(p["label"] == "DiT-Dispersive" and len(p["token_rms"]) == 2 for p in points)
@@ -140,29 +138,26 @@ def test_residual_probe_trains_an_arm_and_records_the_stream_at_every_point(data
     assert points[0]["token_rms"][0] == points[0]["token_rms"][1] > 0
     assert points[0]["pair_distance_per_dim"] > 0 and points[0]["denoise_error_sigma1"] > 0
     assert "batch_loss_dispersive" in points[1] and points[1]["batch_loss_dispersive"] <= 0
-    table = subprocess.run([sys.executable, str(root / "bench/residual_probe.py"), "--table", str(out)],
-                           check=True, capture_output=True, text=True).stdout
-    assert f"| DiT-Dispersive | 0 | {points[0]['token_rms'][-1]:.1f} |" in table
+    residual_probe(["--table", str(out)])
+    assert f"| DiT-Dispersive | 0 | {points[0]['token_rms'][-1]:.1f} |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cls_gate", ["open", "zero"])
-def test_cls_probe_trains_and_records_the_teachers_cls_at_every_point(dataset, preset, tmp_path, cls_gate):
+def test_cls_probe_trains_and_records_the_teachers_cls_at_every_point(dataset, preset, tmp_path, cls_gate, capsys):
     import json
-    import subprocess
-    import sys
+
+    from bench.cls_probe import main as cls_probe
     out = tmp_path / "probe.jsonl"
-    root = Path(__file__).resolve().parents[1]
-    printed = subprocess.run([sys.executable, str(root / "bench/cls_probe.py"), "--preset", str(preset), "--data",
-                              str(dataset), "--steps", "4", "--every", "2", "--probe-images", "8", "--label", cls_gate,
-                              "--set", f"model.cls_gate={cls_gate}", "--out", str(out)],
-                             check=True, capture_output=True, text=True).stdout
+    cls_probe(["--preset", str(preset), "--data", str(dataset), "--steps", "4", "--every", "2", "--probe-images", "8",
+               "--label", cls_gate, "--set", f"model.cls_gate={cls_gate}", "--out", str(out)])
+    printed = capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
     points, summary = records[:-1], records[-1]
     assert [p["step"] for p in points] == [0, 2, 4] and summary["kind"] == "summary"
     assert all(p["label"] == cls_gate and p["denoise_error"] > 0 for p in points)
     assert "batch_loss_cls" in points[1] and "step 4: CLS logit std" in printed
-    table = subprocess.run([sys.executable, str(root / "bench/cls_probe.py"), "--table", str(out)],
-                           check=True, capture_output=True, text=True).stdout
+    cls_probe(["--table", str(out)])
+    table = capsys.readouterr().out
     assert f"| {cls_gate} | {points[0]['cls_logit_std']:.4f} |" in table and summary["verdict"] in table
     if cls_gate == "zero":                                  # the same CLS for every image at init
         assert points[0]["cls_token_std"] == 0 and summary["verdict"] == "constant at init"
@@ -375,30 +370,28 @@ def test_model_flag_gives_the_registry_architecture_and_set_still_wins(dataset):
     assert (demo.name, demo.hidden_size, demo.depth) == ("SD-DiT-S/2", 128, 4)  # no --model: the preset's own
 
 
-def train_cli(*args):
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / "pipelines/train.py"), *map(str, args)], cwd=root,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_a_truncated_shard_or_a_manifest_that_does_not_parse_is_one_line(dataset, preset, tmp_path):
+    """Both are found before Ray starts, so the command's own error handling (run_cli) runs in this process;
+    test_evaluate's bad-checkpoint test watches train's real console print such a line."""
     import shutil
+
+    from pipelines.common import run_cli
+    from pipelines.train import main as train_main
     broken = tmp_path / "broken"
     shutil.copytree(dataset, broken)
     shard = broken / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    result = train_cli("--data", broken, "--preset", preset, "--run-dir", tmp_path / "runs")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"train: {shard}: unreadable shard, truncated or not Parquet")
+    argv = ["--data", str(broken), "--preset", str(preset), "--run-dir", str(tmp_path / "runs")]
+
+    def one_line():
+        with pytest.raises(SystemExit) as exit_:
+            run_cli("train", lambda: train_main(argv))
+        assert "\n" not in str(exit_.value.code)
+        return str(exit_.value.code)
+
+    assert one_line().startswith(f"train: {shard}: unreadable shard, truncated or not Parquet")
     (broken / "manifest.json").write_text('{"settings": ')
-    result = train_cli("--data", broken, "--preset", preset, "--run-dir", tmp_path / "runs")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"train: {broken / 'manifest.json'}: not a valid sddit manifest")
+    assert one_line().startswith(f"train: {broken / 'manifest.json'}: not a valid sddit manifest")
 
 
 def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one_to_resume_from(dataset, preset, tmp_path, monkeypatch):
