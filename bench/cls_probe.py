@@ -13,115 +13,58 @@ std, and whether the CLS term carried no signal).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 from pathlib import Path
 
-import torch
-
 from sddit import code_version
-from sddit.config import apply_overrides, load_preset
-from sddit.data import Manifest
 from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls
 from sddit.diffusion import edm_loss_weight
-from sddit.loader import LatentLoader, step_generator
-from sddit.training import build_training, fit_to_dataset, train_step
-from pipelines.common import shared_options
+from bench.probe_loop import append_record, parse_probe_args, probe_parser, set_up, train_and_measure
 
-PROBE_SEED = 12345                  # the fixed images' loader seed, apart from any training seed
 DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising probe
 
 
 def parse_args(argv=None):
-    shared = shared_options("--set",
-                            set="overrides of the preset (the recipe to judge); the model must be SD-DiT (a teacher)")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[shared])
-    parser.add_argument("--preset", default="fashion-mnist", help="base config (a preset name or YAML path)")
-    parser.add_argument("--data", default=None, help="dataset written by pipelines/encode.py (required to probe)")
-    parser.add_argument("--table", default=None, metavar="JSONL",
-                        help="instead of probing: print the Markdown table of the runs recorded in this file")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    parser.add_argument("--every", type=int, default=50, help="probe every N steps (default 50; step 0 too)")
-    parser.add_argument("--probe-images", type=int, default=256, help="fixed images the teacher is probed on")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser = probe_parser(__doc__, probe_images=256, set_help="overrides of the preset (the recipe to judge); the "
+                                                              "model must be SD-DiT (a teacher)")
     parser.add_argument("--label", default=None, help="name of this recipe in the records (default: the overrides)")
-    parser.add_argument("--out", default=None, help="JSON-lines file the points and the summary are appended to")
-    args = parser.parse_args(argv)
-    if not args.table and not args.data:
-        parser.error("give --data DIR to probe, or --table JSONL to summarise earlier probes")
-    for flag in ("steps", "every", "probe_images"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.probe_images < 4:
-        parser.error("--probe-images must be >= 4 (the class-mean probe splits them in halves)")
-    return args
+    # the class-mean probe splits the images in halves
+    return parse_probe_args(parser, argv, min_probe_images=4)
 
 
 def probe(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    manifest = Manifest.read(args.data)
-    preset = apply_overrides(load_preset(args.preset), [f"data.codec={manifest.settings.codec}",
-                                                        f"data.resolution={manifest.settings.resolution}"])
-    config = apply_overrides(preset, [*args.overrides, f"train.steps={args.steps}"])
-    config = fit_to_dataset(config, manifest, args.data)
+    run = set_up(args)
+    config = run.config
     if config.model.disc_weight <= 0:
         raise SystemExit("cls_probe: the model has no discriminative branch (model.disc_weight = 0): nothing to probe")
     label = args.label or (" ".join(args.overrides) or "preset")
-    torch.manual_seed(config.train.seed)
-    model, optimizer, ema, schedules = build_training(config)
-    loader = LatentLoader(args.data, rank=0, world_size=1, batch_size=config.optim.batch_size,
-                          seed=config.train.seed, device="cpu")
-    fixed = LatentLoader(args.data, rank=0, world_size=1, batch_size=args.probe_images, seed=PROBE_SEED, device="cpu")
-    x_fixed, y_fixed, _ = fixed.batch(0)
-    fixed.close()
-    noise = torch.randn(x_fixed.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
     ln_k = math.log(config.model.head_out_size)
-    out = open(args.out, "a") if args.out else None
     print(f"cls_probe {label!r}: {args.steps} steps of {config.model.name} at batch {config.optim.batch_size}, "
           f"lr {config.optim.lr} (warm-up {config.optim.warmup_steps}), ln K = {ln_k:.4f}", flush=True)
 
-    def measure(step: int, parts: dict) -> dict:
-        teacher_temp = float(schedules.teacher_temp[min(step, args.steps - 1)])
-        point = probe_teacher_cls(model, x_fixed, y_fixed, teacher_sigma=config.diffusion.teacher_sigma,
+    def measure(step: int) -> dict:
+        teacher_temp = float(run.schedules.teacher_temp[min(step, args.steps - 1)])
+        point = probe_teacher_cls(run.model, run.x, run.y, teacher_sigma=config.diffusion.teacher_sigma,
                                   teacher_temp=teacher_temp)
-        with torch.no_grad():
-            sigma = torch.full((x_fixed.shape[0], 1, 1, 1), DENOISE_SIGMA)
-            denoised = ema(x_fixed + sigma * noise, sigma, y_fixed)
-            point["denoise_error"] = float((edm_loss_weight(sigma, config.model.sigma_data)
-                                            * (denoised - x_fixed) ** 2).mean())
-        point.update({f"batch_{key}": float(value) for key, value in parts.items()})
-        return {"kind": "point", "label": label, "step": step, **point}
+        sigma = run.x.new_full((run.x.shape[0], 1, 1, 1), DENOISE_SIGMA)
+        denoised = run.ema(run.x + sigma * run.noise, sigma, run.y)
+        point["denoise_error"] = float((edm_loss_weight(sigma, config.model.sigma_data)
+                                        * (denoised - run.x) ** 2).mean())
+        return point
 
-    def emit(record: dict) -> None:
-        if out:
-            out.write(json.dumps(record) + "\n")
-            out.flush()
+    def describe(p: dict) -> str:
+        return (f"CLS logit std {p['cls_logit_std']:.4f} (null label {p['cls_logit_std_null_label']:.4f}), token "
+                f"std {p['cls_token_std']:.4f}, target entropy {p['target_entropy_cls']:.4f} (ln K - "
+                f"{ln_k - p['target_entropy_cls']:.4f}), class accuracy {p['cls_class_accuracy']:.2f} / null "
+                f"{p['cls_class_accuracy_null_label']:.2f}, denoise {p['denoise_error']:.4f}, loss_cls "
+                f"{p['batch_loss_cls']:.4f}")
 
-    points, started = [], time.perf_counter()
-    points.append(measure(0, {}))
-    emit(points[-1])
-    for step in range(args.steps):
-        x0, labels, _ = loader.batch(step)
-        result = train_step(model, optimizer, ema, x0, labels, step=step, config=config, schedules=schedules,
-                            generator=step_generator(config.train.seed, 0, step, "cpu"))
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            points.append(measure(step + 1, result.parts))
-            emit(points[-1])
-            p = points[-1]
-            print(f"step {step + 1}: CLS logit std {p['cls_logit_std']:.4f} (null label "
-                  f"{p['cls_logit_std_null_label']:.4f}), token std {p['cls_token_std']:.4f}, target entropy "
-                  f"{p['target_entropy_cls']:.4f} (ln K - {ln_k - p['target_entropy_cls']:.4f}), class accuracy "
-                  f"{p['cls_class_accuracy']:.2f} / null {p['cls_class_accuracy_null_label']:.2f}, denoise "
-                  f"{p['denoise_error']:.4f}, loss_cls {p['batch_loss_cls']:.4f}", flush=True)
-    loader.close()
+    points = train_and_measure(args, run, label, measure, describe)
     stds = [p["cls_logit_std"] for p in points]
     summary = {"kind": "summary", "label": label, "preset": args.preset, "data": args.data,
                "overrides": args.overrides, "steps": args.steps, "code_version": code_version(),
-               "seconds": round(time.perf_counter() - started, 1), "ln_k": ln_k,
+               "seconds": points[-1]["seconds"], "ln_k": ln_k,
                "cls_logit_std_first": stds[0], "cls_logit_std_peak": max(stds), "cls_logit_std_last": stds[-1],
                "cls_logit_std_null_label_last": points[-1]["cls_logit_std_null_label"],
                "target_entropy_cls_last": points[-1]["target_entropy_cls"],
@@ -131,9 +74,7 @@ def probe(args) -> dict:
                "no_signal": cls_carries_no_signal([p["batch_target_entropy_cls"] for p in points[1:]],
                                                   config.model.head_out_size)}
     summary["verdict"] = verdict_of(summary)
-    emit(summary)
-    if out:
-        out.close()
+    append_record(args.out, summary)
     print(f"cls_probe {label!r}: CLS logit std {stds[0]:.4f} at step 0, peak {max(stds):.4f}, {stds[-1]:.4f} at "
           f"step {args.steps} ({summary['verdict']}); {summary['seconds']} s", flush=True)
     return summary

@@ -15,108 +15,53 @@ is appended to --out as a JSON line as it is measured.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 
 import torch
 
 from sddit import code_version
-from sddit.config import apply_overrides, load_preset
-from sddit.data import Manifest
 from sddit.diffusion import edm_loss_weight
-from sddit.loader import LatentLoader, step_generator
-from sddit.training import build_training, fit_to_dataset, train_step
-from pipelines.common import shared_options
+from bench.probe_loop import parse_probe_args, probe_parser, set_up, train_and_measure
 from pipelines.study_plan import arm_overrides
 
-PROBE_SEED = 12345                  # the fixed images' loader seed and their noise, apart from any training seed
 PROBE_SIGMAS = (0.1, 1.0, 5.0)      # the denoising probe's noise levels; the stream is probed at the middle one
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[shared_options("--set", set="overrides after the arm's, e.g. "
-                                                                          "--set optim.lr=1e-4")])
+    parser = probe_parser(__doc__, probe_images=64, set_help="overrides after the arm's, e.g. --set optim.lr=1e-4")
     parser.add_argument("--arm", default="DiT-Dispersive", help="a study arm (pipelines/study_plan.py ARMS)")
-    parser.add_argument("--preset", default="fashion-mnist", help="base config (a preset name or YAML path)")
-    parser.add_argument("--data", default=None, help="dataset written by pipelines/encode.py (required to probe)")
-    parser.add_argument("--table", default=None, metavar="JSONL",
-                        help="instead of probing: print the Markdown table of the probes recorded in this file")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    parser.add_argument("--every", type=int, default=50, help="probe every N steps (default 50; step 0 too)")
-    parser.add_argument("--probe-images", type=int, default=64, help="fixed images probed (default 64)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--label", default=None, help="name of this probe in the records (default: arm + overrides)")
-    parser.add_argument("--out", default=None, help="JSON-lines file the points are appended to")
-    args = parser.parse_args(argv)
-    if not args.table and not args.data:
-        parser.error("give --data DIR to probe, or --table JSONL to summarise earlier probes")
-    for flag in ("steps", "every", "probe_images"):
-        if getattr(args, flag) < 2:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 2, got {getattr(args, flag)}")
-    return args
+    return parse_probe_args(parser, argv, min_probe_images=2)     # a pair distance needs two images
 
 
 def probe(args) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    manifest = Manifest.read(args.data)
-    base = apply_overrides(load_preset(args.preset), [f"data.codec={manifest.settings.codec}",
-                                                      f"data.resolution={manifest.settings.resolution}"])
-    config = apply_overrides(base, [*arm_overrides(args.arm, base.model.name), *args.overrides,
-                                    f"train.steps={args.steps}"])
-    config = fit_to_dataset(config, manifest, args.data)
+    run = set_up(args, lambda base: arm_overrides(args.arm, base.model.name))
+    config = run.config
     label = args.label or " ".join([args.arm, *args.overrides])
-    torch.manual_seed(config.train.seed)
-    model, optimizer, ema, schedules = build_training(config)
-    loader = LatentLoader(args.data, rank=0, world_size=1, batch_size=config.optim.batch_size,
-                          seed=config.train.seed, device="cpu")
-    fixed = LatentLoader(args.data, rank=0, world_size=1, batch_size=args.probe_images, seed=PROBE_SEED, device="cpu")
-    x_fixed, y_fixed, _ = fixed.batch(0)
-    fixed.close()
-    noise = torch.randn(x_fixed.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
     depth = config.model.depth
-    out = open(args.out, "a") if args.out else None
     print(f"residual_probe {label!r}: {args.steps} steps of {config.model.name} at batch {config.optim.batch_size}, "
           f"lr {config.optim.lr} (warm-up {config.optim.warmup_steps})", flush=True)
 
-    @torch.no_grad()
-    def measure(step: int, parts: dict) -> dict:
-        point = {"kind": "point", "label": label, "step": step}
+    def measure(step: int) -> dict:
+        point = {"code_version": code_version()}
         for sigma_value in PROBE_SIGMAS:
-            sigma = torch.full((x_fixed.shape[0], 1, 1, 1), sigma_value)
-            denoised, _, hidden = model.denoiser.denoise(x_fixed + sigma * noise, sigma, y_fixed,
-                                                         taps=tuple(range(1, depth + 1)))
+            sigma = run.x.new_full((run.x.shape[0], 1, 1, 1), sigma_value)
+            denoised, _, hidden = run.model.denoiser.denoise(run.x + sigma * run.noise, sigma, run.y,
+                                                             taps=tuple(range(1, depth + 1)))
             point[f"denoise_error_sigma{sigma_value:g}"] = float(
-                (edm_loss_weight(sigma, config.model.sigma_data) * (denoised - x_fixed) ** 2).mean())
+                (edm_loss_weight(sigma, config.model.sigma_data) * (denoised - run.x) ** 2).mean())
             if sigma_value == PROBE_SIGMAS[1]:
                 point["token_rms"] = [float(hidden[d].pow(2).mean().sqrt()) for d in range(1, depth + 1)]
                 last = hidden[depth].flatten(1)
                 point["pair_distance_per_dim"] = float(torch.pdist(last).pow(2).mean() / last.shape[1])
-        point.update({f"batch_{key}": float(value) for key, value in parts.items()})
-        point.update(code_version=code_version(), seconds=round(time.perf_counter() - started, 1))
-        if out:
-            out.write(json.dumps(point) + "\n")
-            out.flush()
         return point
 
-    started = time.perf_counter()
-    points = [measure(0, {})]
-    for step in range(args.steps):
-        x0, labels, _ = loader.batch(step)
-        result = train_step(model, optimizer, ema, x0, labels, step=step, config=config, schedules=schedules,
-                            generator=step_generator(config.train.seed, 0, step, "cpu"))
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            points.append(measure(step + 1, result.parts))
-            p = points[-1]
-            print(f"step {step + 1}: token rms {' '.join(f'{v:.1f}' for v in p['token_rms'])}, pair distance "
-                  f"{p['pair_distance_per_dim']:.1f}, denoise " + " ".join(
-                      f"{p[f'denoise_error_sigma{s:g}']:.3f}" for s in PROBE_SIGMAS), flush=True)
-    loader.close()
-    if out:
-        out.close()
-    return points
+    def describe(p: dict) -> str:
+        return (f"token rms {' '.join(f'{v:.1f}' for v in p['token_rms'])}, pair distance "
+                f"{p['pair_distance_per_dim']:.1f}, denoise "
+                + " ".join(f"{p[f'denoise_error_sigma{s:g}']:.3f}" for s in PROBE_SIGMAS))
+
+    return train_and_measure(args, run, label, measure, describe)
 
 
 def table(path: str, steps=(0, 50, 100, 200, 300, 400, 600, 1000)) -> str:

@@ -70,7 +70,6 @@ def parse_options(parser: argparse.ArgumentParser, options_type, argv=None):
         options = options_type(**vars(namespace))
     except ConfigError as error:
         parser.error(str(error))
-    set_verbose(getattr(options, "verbose", False))
     return options
 
 

@@ -26,7 +26,8 @@ from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Ma
                         read_shard_metadata, shard_name, shard_schema, shard_table, tensor_spec, write_shard)
 from sddit.errors import ConfigError
 from sddit.image_folder import find_class_names, list_image_folder, load_image
-from pipelines.common import Progress, init_ray, parse_options, quiet_ray_data_console, run_cli, shared_options
+from pipelines.common import (Progress, init_ray, parse_options, quiet_ray_data_console, run_cli, set_verbose,
+                              shared_options)
 
 SETTINGS_FILE = "encode_settings.json"
 SHARD_BYTES = 32 << 20              # the default shard's tensor bytes: the reader's two windows hold 8 shards
@@ -242,6 +243,7 @@ def plan(items: list, rows_per_shard: int, flip: bool) -> list[dict]:
 
 def encode(args: EncodeOptions) -> Manifest:
     started = time.time()
+    set_verbose(args.verbose)
     out = Path(args.out)
     root = Path(args.data)
     # fail before any cluster work: the VAE and the REPA encoder must load, the input and output must be usable

@@ -38,7 +38,7 @@ from sddit.reference import load_reference, make_extractor
 from sddit.sampling import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,
                             check_protocol, finished_batches, iter_sample_batches, sample_batch, sampling_network,
                             write_batch)
-from pipelines.common import Progress, init_ray, parse_options, run_cli, shared_options
+from pipelines.common import Progress, init_ray, parse_options, run_cli, set_verbose, shared_options
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
@@ -272,6 +272,7 @@ def evaluate(args: EvaluateOptions, keep_actors: bool = False) -> tuple[dict[str
     """(metrics, the output directory) of one evaluation. `keep_actors`: leave the sampling actors up for the
     caller's next evaluation (then call `release_sampling_actors` when done)."""
     started = time.time()
+    set_verbose(args.verbose)
     checkpoint = resolve(args.checkpoint).resolve()
     payload = load_checkpoint(checkpoint)
     config, step, dataset = payload["config"], payload["step"], payload.get("dataset") or {}

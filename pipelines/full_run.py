@@ -60,7 +60,6 @@ def parse_args(argv=None):
     parser.add_argument("--eval-compile", action="store_true",
                         help="torch.compile the sampling network (faster on a GPU; default eager; see evaluate.py)")
     args = parser.parse_args(argv)
-    set_verbose(args.verbose)
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
         parser.error(f"--stages: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
@@ -110,8 +109,9 @@ def run_stages(args, plan: Plan, ray) -> dict:
     from tuning import sweep
 
     stages = args.stages.split(",")
-    # what every stage shares: where MLflow and checkpoints go, and the cluster (locally: a runtime of its own)
-    common = dict(run_dir=str(plan.run_dir), address=(args.address or "auto") if args.cluster else None)
+    # what every stage shares: where MLflow and checkpoints go, the cluster (locally: a runtime of its own), the console
+    common = dict(run_dir=str(plan.run_dir), address=(args.address or "auto") if args.cluster else None,
+                  verbose=args.verbose)
     storage = str(plan.storage / "ray")
     num_workers = args.num_workers or (int(ray.cluster_resources().get("GPU", 0)) or 1 if args.cluster else 1)
     use_gpu = bool(args.cluster and ray.cluster_resources().get("GPU", 0))
@@ -227,6 +227,7 @@ def main(argv=None) -> dict:
     from pipelines.tracking import PARENT_ENV, params_key
     start = STARTED if __name__ == "__main__" else time.time()
     args = parse_args(argv)
+    set_verbose(args.verbose)
     plan = Plan(args)
     params = {"preset": args.preset, "stages": args.stages, "cluster": args.cluster, "data": str(plan.images),
               "storage": str(plan.storage)}

@@ -22,7 +22,7 @@ from sddit.config import Config, apply_overrides, load_preset, preset_names
 from sddit.data import Manifest
 from sddit.errors import ConfigError
 from sddit.models.registry import registry_fields
-from pipelines.common import parse_options, run_cli, shared_options, warn_about_layout
+from pipelines.common import parse_options, run_cli, set_verbose, shared_options, warn_about_layout
 from pipelines.tracking import tag_query
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
@@ -319,6 +319,7 @@ def train(args: TrainOptions):
     from pipelines.common import cpus_per_worker as fitting_cpus, init_ray, torch_trainer, train_logging, verbose
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
 
+    set_verbose(args.verbose)
     config = resolve_config(args)                           # fails here, before any cluster work
     name = args.name or f"{Path(args.preset).stem}-{config.model.name.replace('/', '')}"
     storage = Path(args.storage or Path(args.run_dir) / "ray").resolve()

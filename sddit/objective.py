@@ -42,6 +42,11 @@ def per_patch_mean(x, patch_size: int):                     # [N, C, H, W] -> [N
     return F.avg_pool2d(x.mean(dim=1, keepdim=True), patch_size).flatten(1)
 
 
+def mean_over_patches(err, chosen):                         # [N, L], [N, L] of 0/1 -> []
+    """Each image's mean error over its chosen patches, averaged over the images."""
+    return ((err * chosen).sum(dim=1) / chosen.sum(dim=1)).mean()
+
+
 def patchify(x, patch_size: int):                           # [N, C, H, W] -> [N, L, p*p*C]
     n, c, h, w = x.shape
     x = x.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
@@ -52,8 +57,7 @@ def mae_patch_loss(denoised, target_image, masked, patch_size: int):
     """MaskDiT's MAE term: per-patch-normalised target vs. prediction, mean over masked patches."""
     target = patchify(target_image, patch_size)
     target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-    err = ((patchify(denoised, patch_size) - target) ** 2).mean(dim=-1)  # [N, L]
-    return ((err * masked).sum(dim=1) / masked.sum(dim=1)).mean()
+    return mean_over_patches(((patchify(denoised, patch_size) - target) ** 2).mean(dim=-1), masked)
 
 
 def on_token_grid(features, num_patches: int):             # [N, T, D] -> [N, L, D]
@@ -145,12 +149,13 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
         labels = None
 
     # choose the visible tokens, per sample (MDT: at a ratio drawn for the step)
-    ids_keep = None
+    ids_keep = visible = None
     if mask_ratio > 0 and cfg.mask_ratio_spread > 0:
         mask_ratio += cfg.mask_ratio_spread * torch.rand((), device=device, generator=generator).item()
     if mask_ratio > 0:
         ids_keep = random_keep(n_batch, net.num_patches, mask_ratio, block_size=cfg.mask_block_size,
                                crop=cfg.mask_crop, device=device, generator=generator)
+        visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)  # [N, L]
 
     # student: denoise from the visible tokens, head on CLS + visible tokens
     out = model(x, sigma, labels, ids_keep)
@@ -158,9 +163,7 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
     parts = {}
     if ids_keep is not None and cfg.mask_token:
         # MaskDiT: denoising loss on visible patches, MAE loss on the masked ones
-        visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)
-        patch_err = per_patch_mean(err, cfg.patch_size)
-        loss_gen = ((patch_err * visible).sum(dim=1) / visible.sum(dim=1)).mean()
+        loss_gen = mean_over_patches(per_patch_mean(err, cfg.patch_size), visible)
         # as MaskDiT's loss.py: the target is the noisy input x itself, normalised per patch, not x0
         parts["loss_mae"] = mae_patch_loss(out.denoised, x, 1.0 - visible, cfg.patch_size)
         loss = loss_gen + cfg.mae_weight * parts["loss_mae"]
@@ -177,9 +180,7 @@ def training_loss(model, x0, labels, *, diffusion: DiffusionConfig, disc: Discri
         parts["loss_unmasked"] = (edm_loss_weight(sigma, cfg.sigma_data) * (full.denoised - x0) ** 2).mean()
         loss = loss + parts["loss_unmasked"]
         with torch.no_grad():
-            visible = torch.zeros(n_batch, net.num_patches, device=device).scatter_(1, ids_keep, 1.0)
-            patch_err = per_patch_mean(err, cfg.patch_size)
-            parts["loss_masked_patches"] = ((patch_err * (1 - visible)).sum(dim=1) / (1 - visible).sum(dim=1)).mean()
+            parts["loss_masked_patches"] = mean_over_patches(per_patch_mean(err, cfg.patch_size), 1 - visible)
 
     # discrimination: teacher on x0 + teacher sigma n (same n, no mask), gathered at the kept positions
     teacher_cls = teacher_patch = None

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_the_options_stages_share_are_defined_once(module, required, flags, caps
     import importlib
 
     from pipelines.common import SHARED_OPTIONS, VERBOSE_ENV
-    monkeypatch.setenv(VERBOSE_ENV, "0")            # --verbose sets it for the process; restored after the test
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
     parse_args = importlib.import_module(module).parse_args
     given = {"--set": ["a.b=1", "c.d=2"], "--use-gpu": [], "--run-dir": ["elsewhere"], "--storage": ["/shared/x"],
              "--address": ["auto"], "--verbose": []}
@@ -151,6 +152,8 @@ def test_the_options_stages_share_are_defined_once(module, required, flags, caps
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "options the stages share:" in capsys.readouterr().out
+    # parsing only parses: --verbose takes effect when the stage runs (a Python caller's options too)
+    assert VERBOSE_ENV not in os.environ        # restored after the test in any case (monkeypatch)
 
 
 @pytest.mark.parametrize("module, options_type, required, bad_flag, bad_value", [

@@ -23,7 +23,7 @@ import yaml
 from sddit.config import apply_overrides, load_preset, preset_names, save_config
 from sddit.data import Manifest
 from sddit.errors import ConfigError
-from pipelines.common import parse_options, run_cli, shared_options, warn_about_layout
+from pipelines.common import parse_options, run_cli, set_verbose, shared_options, warn_about_layout
 from pipelines.tracking import tag_query
 from pipelines.trials import (TrialContext, latest_checkpoint, prepare_judge, root_cause, trial_resources,
                               trial_runs_callback, trial_trainable)
@@ -149,6 +149,7 @@ def sweep(args: SweepOptions) -> dict:
     from pipelines.tracking import PARENT_ENV, tracking_uri, use_store
     from sddit.training import fit_to_dataset
 
+    set_verbose(args.verbose)
     # everything that can be wrong is checked before Ray starts
     # trials run the preset for the sweep's budget; the best config keeps the preset's own schedule
     manifest = Manifest.read(args.data)
