@@ -16,7 +16,7 @@ VERBOSE_ENV = "SDDIT_VERBOSE"
 # which hides all but the first of our progress lines when several trials run (the study, the sweep). Read
 # by Ray when it is first imported, which every entry point does after importing this module.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Set by init_ray when it starts a runtime of its own on this machine (inherited by Ray's workers)
+# Set by init_ray when it starts a runtime of its own on this machine, to its address (inherited by Ray's workers)
 LOCAL_RUNTIME_ENV = "SDDIT_LOCAL_RUNTIME"
 
 
@@ -106,9 +106,22 @@ def tune_verbosity() -> int:
 def local_runtime_settings() -> None:
     """What a Ray runtime started on this machine by one of our commands runs with, set in the environment
     before it starts, so that its raylet and every worker (Tune's trial actors, Train's controllers) inherit it.
-    Several such runtimes can run side by side (two commands at once): nothing here lets Ray look for "the"
-    local cluster by itself, which finds two and fails (docs/troubleshooting.md)."""
-    os.environ[LOCAL_RUNTIME_ENV] = "1"                 # read by torch_trainer() here and in Tune's trial actors
+    Several such runtimes can run side by side (two commands at once), so nothing in them may look for "the"
+    local cluster by itself: that finds two and fails (docs/troubleshooting.md)."""
+    # Ray's own components find their cluster by auto-detection unless RAY_ADDRESS names it: Ray Train's
+    # placement-group cleaner, which frees the CPUs of a trial that Tune stopped, failed with "Found multiple
+    # active Ray instances" beside another runtime, and the sweep's next trial waited for those CPUs for ever.
+    # The address is known before the runtime starts because we choose its GCS port.
+    import socket
+
+    from ray._private.services import get_node_ip_address
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = address
+    os.environ[LOCAL_RUNTIME_ENV] = address             # read by torch_trainer() here and in Tune's trial actors
     # A local runtime has no nodes that can be preempted. Ray Train's watcher for that is one more actor
     # process per Train run (each sweep trial pays for it on a small machine) and prints a core-worker
     # ERROR line about its own constructor arguments. Ray Train passes this setting on to its controllers.
@@ -117,8 +130,7 @@ def local_runtime_settings() -> None:
     # noticed; locally a poll is a cheap call, and the sweep's short trials each pay that wait.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Ray Train's state actor checks every 30 s, through Ray's state API, whether each run's controller is
-    # still alive; that API finds the cluster by auto-detection. A local runtime's controllers end with its
-    # driver anyway, so there is nothing for the check to find.
+    # still alive; a local runtime's controllers end with its driver anyway, so there is nothing for it to find.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     # Ray Train gives a worker group 60 s to start, meant for a cluster that is scaling up; a local runtime does
     # not scale, and on a busy machine (another command's training beside this one on 2 cores) starting a
@@ -130,16 +142,54 @@ def local_runtime_settings() -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None = None, **kwargs):
-    """Connect to `address` ("auto" for an existing cluster) or start a local runtime; reuse one if running."""
+def start_local_runtime(**kwargs):
+    """Start a Ray runtime of this process's own on this machine (ray.init's options in kwargs), with
+    local_runtime_settings; "local" so that the RAY_ADDRESS those settings name is not taken for a cluster to join."""
     import ray
 
-    if address is None:
-        local_runtime_settings()
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING,
-                 **kwargs)
+    local_runtime_settings()
+    ray.init(address="local", **kwargs)
     return ray
+
+
+def forget_inherited_runtime() -> None:
+    """The local runtime of a parent process of ours (its RAY_ADDRESS, inherited) is not a cluster for this
+    process to join: without an address of its own, it starts its own runtime, as from a shell."""
+    inherited = os.environ.pop(LOCAL_RUNTIME_ENV, None)
+    if inherited and os.environ.get("RAY_ADDRESS") == inherited:
+        del os.environ["RAY_ADDRESS"]
+
+
+def init_ray(address: str | None = None, **kwargs):
+    """Connect to `address` ("auto" for an existing cluster) or to the cluster RAY_ADDRESS names (as `ray job
+    submit` sets it), else start a local runtime; reuse one if running."""
+    import ray
+
+    if not ray.is_initialized():
+        forget_inherited_runtime()
+        options = dict(log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING, **kwargs)
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            start_local_runtime(**options)
+        else:
+            ray.init(address=address, **options)
+    return ray
+
+
+def quiet_exit_in_finalizers() -> None:
+    """Ray's worker processes exit on SIGTERM by raising SystemExit from a signal handler. When the signal lands
+    while a finalizer runs (a WeakSet's callback during garbage collection), Python cannot raise it and prints
+    it as an "Exception ignored in ..." traceback, which reaches the console of a run that succeeded. Such a
+    SystemExit is dropped in this process; every other exception a finalizer raises is reported as before."""
+    report = sys.unraisablehook
+    if getattr(report, "drops_exit", False):
+        return
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, SystemExit):
+            report(unraisable)
+
+    hook.drops_exit = True
+    sys.unraisablehook = hook
 
 
 def torch_trainer(*args, in_trial: bool = False, **kwargs):
@@ -147,16 +197,14 @@ def torch_trainer(*args, in_trial: bool = False, **kwargs):
     that a run here does not use: a `DatasetManager` (even with no `datasets`: our workers read their shards
     themselves) and, on a local runtime, whose processes all end with the driver, a `PlacementGroupCleaner`
     that frees a dead controller's CPUs. Each is a process importing Ray Train and Ray Data, which every sweep
-    trial paid for; and the cleaner finds its cluster by auto-detection, so beside a second local runtime it
-    fails, leaving a stopped trial's CPUs reserved and the next trial waiting for them until it times out
-    (docs/troubleshooting.md). Inside a Tune trial (`in_trial`) the cleaner stays: a trial that Tune stops
-    early leaves its controller's placement group behind, and without the cleaner the sweep's next trial
-    waits for those CPUs. Ray is pinned to 2.60 (pyproject.toml), whose default callbacks these are."""
+    trial paid for. Inside a Tune trial (`in_trial`) the cleaner stays: a trial that Tune ends leaves its
+    controller's placement group behind, and without the cleaner the sweep's next trial waits for those CPUs
+    (docs/troubleshooting.md). Ray is pinned to 2.60 (pyproject.toml), whose default callbacks these are."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    local = os.environ.get(LOCAL_RUNTIME_ENV) == "1"
+    local = bool(os.environ.get(LOCAL_RUNTIME_ENV))
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):

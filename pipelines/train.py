@@ -22,7 +22,8 @@ from sddit.config import Config, apply_overrides, load_preset, preset_names
 from sddit.data import Manifest
 from sddit.errors import ConfigError
 from sddit.models.registry import registry_fields
-from pipelines.common import parse_options, run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.common import (parse_options, quiet_exit_in_finalizers, run_cli, set_verbose, shared_options,
+                              warn_about_layout)
 from pipelines.tracking import tag_query
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
@@ -256,6 +257,7 @@ def train_worker(loop_config: dict) -> None:
 
     import torch
     context: WorkerContext = loop_config["context"]
+    quiet_exit_in_finalizers()
     # Ray sets OMP_NUM_THREADS=1; use the CPUs reserved (a fractional share still runs one thread)
     torch.set_num_threads(max(1, int(context.cpus_per_worker)))
     if not context.verbose:

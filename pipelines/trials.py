@@ -44,8 +44,9 @@ def run_trial(trial: dict, context: TrialContext) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.common import torch_trainer, train_logging, verbose
+    from pipelines.common import quiet_exit_in_finalizers, torch_trainer, train_logging, verbose
     from pipelines.train import WorkerContext, train_worker
+    quiet_exit_in_finalizers()
     run_spec = {}
     if context.runs is not None:
         run_spec = context.runs[trial["run"]]

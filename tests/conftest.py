@@ -30,12 +30,9 @@ def tiny():
 def ray_session():
     """One local Ray runtime for every test that runs a pipeline in-process, with the settings our commands
     give a local runtime (so the suite runs beside another command's runtime, as a user's would)."""
-    import ray
-
-    from pipelines.common import local_runtime_settings
-    local_runtime_settings()
+    from pipelines.common import start_local_runtime
     # the dashboard is what cleans up the Train workers of a trial that Tune stops early
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray = start_local_runtime(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
