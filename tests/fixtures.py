@@ -79,10 +79,30 @@ def make_tiny_vae(directory: Path) -> Path:
     return directory
 
 
+# (image tree, resolution) -> the first encoding of it, kept pristine: later modules copy it (bytes the same)
+_ENCODED: dict[tuple[str, int], Path] = {}
+
+
 def encode_pixels(images: Path, out: Path, resolution: int, *extra: str) -> Path:
     """The image tree encoded by the encode stage as a pixel-codec dataset in 16-row shards (several of them,
-    so workers have shards to split), with its MLflow store beside it in out.parent / "runs"."""
+    so workers have shards to split), its MLflow store beside it in out.parent / "runs". Without extra options
+    into a new directory, the tree is encoded once per session at each resolution and copied from then on (the
+    domain judge a test trains into a dataset is not copied)."""
+    import atexit
+    import shutil
+    import tempfile
+
     from pipelines.encode import main as encode
+    key = (str(images), resolution)
+    fresh = not extra and not Path(out).exists()       # an existing directory is the encode stage's to judge
+    if fresh and key in _ENCODED:
+        shutil.copytree(_ENCODED[key], out)
+        return out
     encode(["--data", str(images), "--out", str(out), "--codec", "pixel", "--resolution", str(resolution),
             "--rows-per-shard", "16", "--run-dir", str(Path(out).parent / "runs"), *extra])
+    if fresh:
+        pristine = tempfile.mkdtemp(prefix="sddit-pixels-")
+        atexit.register(shutil.rmtree, pristine, True)
+        _ENCODED[key] = Path(pristine) / "dataset"
+        shutil.copytree(out, _ENCODED[key])
     return out

@@ -255,6 +255,7 @@ def test_transfer_arms_need_a_dataset_at_another_resolution(tiny_data, data16, t
                               + args[args.index("--pretrain-data") + 2:]))
 
 
+@pytest.mark.slow                   # a study of its own (pre-training grid, then the transfer grid): ~40 s
 def test_a_transfer_study_pretrains_then_starts_the_arm_from_that_checkpoint(tiny_data, data16, capsys):
     from pipelines.study import final_checkpoint, main, parse_args, storage_of
     from pipelines.study_plan import plan_study
