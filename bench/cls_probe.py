@@ -20,7 +20,7 @@ from pathlib import Path
 from sddit import code_version
 from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls
 from sddit.diffusion import edm_loss_weight
-from bench.probe_loop import append_record, parse_probe_args, probe_parser, set_up, train_and_measure
+from bench.probe_loop import append_record, parse_probe_args, probe_main, probe_parser, set_up, train_and_measure
 
 DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising probe
 
@@ -112,11 +112,7 @@ def table(path) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.table:
-        print(table(args.table))
-        return None
-    return probe(args)
+    return probe_main(argv, parse_args, probe, table)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,12 @@ def train_and_measure(args, probe: Probe, label: str, measure: Callable[[int], d
             record(step + 1, result.parts)
     loader.close()
     return points
+
+
+def probe_main(argv, parse_args, probe, table):
+    """A probe's entry point: with --table, the Markdown table of the records in that file; otherwise a probe."""
+    args = parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return None
+    return probe(args)

@@ -21,7 +21,7 @@ import torch
 
 from sddit import code_version
 from sddit.diffusion import edm_loss_weight
-from bench.probe_loop import parse_probe_args, probe_parser, set_up, train_and_measure
+from bench.probe_loop import parse_probe_args, probe_main, probe_parser, set_up, train_and_measure
 from pipelines.study_plan import arm_overrides
 
 PROBE_SIGMAS = (0.1, 1.0, 5.0)      # the denoising probe's noise levels; the stream is probed at the middle one
@@ -79,11 +79,7 @@ def table(path: str, steps=(0, 50, 100, 200, 300, 400, 600, 1000)) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.table:
-        print(table(args.table))
-        return None
-    return probe(args)
+    return probe_main(argv, parse_args, probe, table)
 
 
 if __name__ == "__main__":
