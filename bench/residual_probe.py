@@ -39,11 +39,12 @@ def probe(args) -> list[dict]:
     config = run.config
     label = args.label or " ".join([args.arm, *args.overrides])
     depth = config.model.depth
+    version = code_version()                        # two git calls: once per probe, not once per point
     print(f"residual_probe {label!r}: {args.steps} steps of {config.model.name} at batch {config.optim.batch_size}, "
           f"lr {config.optim.lr} (warm-up {config.optim.warmup_steps})", flush=True)
 
     def measure(step: int) -> dict:
-        point = {"code_version": code_version()}
+        point = {"code_version": version}
         for sigma_value in PROBE_SIGMAS:
             sigma = run.x.new_full((run.x.shape[0], 1, 1, 1), sigma_value)
             denoised, _, hidden = run.model.denoiser.denoise(run.x + sigma * run.noise, sigma, run.y,
