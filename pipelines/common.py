@@ -73,6 +73,16 @@ def parse_options(parser: argparse.ArgumentParser, options_type, argv=None):
     return options
 
 
+def require_at_least(options, **minimums) -> None:
+    """Each named field of a stage's options (None: not set, skipped) is at least its minimum, or ConfigError
+    named after its flag, e.g. require_at_least(self, steps=1, num_samples=2)."""
+    from sddit.errors import ConfigError
+    for name, minimum in minimums.items():
+        value = getattr(options, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= {minimum}, got {value}")
+
+
 def train_logging():
     """Ray Train's console log level: its per-report INFO lines and its warnings only when verbose, errors always.
     Its warnings include one with a traceback whenever its controller's resource request to the autoscaling

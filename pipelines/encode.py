@@ -26,8 +26,8 @@ from sddit.data import (FEATURES_COLUMN, MANIFEST, DataError, EncodeSettings, Ma
                         read_shard_metadata, shard_name, shard_schema, shard_table, tensor_spec, write_shard)
 from sddit.errors import ConfigError
 from sddit.image_folder import find_class_names, list_image_folder, load_image
-from pipelines.common import (Progress, init_ray, parse_options, quiet_ray_data_console, run_cli, set_verbose,
-                              shared_options)
+from pipelines.common import (Progress, init_ray, parse_options, quiet_ray_data_console, require_at_least,
+                              run_cli, set_verbose, shared_options)
 
 SETTINGS_FILE = "encode_settings.json"
 SHARD_BYTES = 32 << 20              # the default shard's tensor bytes: the reader's two windows hold 8 shards
@@ -59,10 +59,7 @@ class EncodeOptions:
             raise ConfigError("--codec", f"must be sd-vae or pixel, got {self.codec!r}")
         if self.resolution < 8 or (self.codec == "sd-vae" and self.resolution % 8):
             raise ConfigError("--resolution", f"must be >= 8 (and a multiple of 8 for sd-vae), got {self.resolution}")
-        if self.rows_per_shard is not None and self.rows_per_shard < 2:
-            raise ConfigError("--rows-per-shard", f"must be >= 2, got {self.rows_per_shard}")
-        if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise ConfigError("--limit-per-class", f"must be >= 1, got {self.limit_per_class}")
+        require_at_least(self, rows_per_shard=2, limit_per_class=1)
         if self.repa_encoder_weights and not self.repa_encoder:
             raise ConfigError("--repa-encoder-weights", "needs --repa-encoder")
 

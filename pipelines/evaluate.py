@@ -38,7 +38,8 @@ from sddit.reference import load_reference, make_extractor
 from sddit.sampling import (LABEL_MODES, SAMPLES_DIR, EvaluationError, SamplingPlan, assemble_samples,
                             check_protocol, finished_batches, iter_sample_batches, sample_batch, sampling_network,
                             write_batch)
-from pipelines.common import Progress, init_ray, parse_options, run_cli, set_verbose, shared_options
+from pipelines.common import (Progress, init_ray, parse_options, require_at_least, run_cli, set_verbose,
+                              shared_options)
 
 DATASET_KEYS = ("dir", "codec", "vae", "latent_shape", "num_classes")
 
@@ -73,11 +74,7 @@ class EvaluateOptions:
             if getattr(self, flag) not in choices:
                 raise ConfigError(f"--{flag.replace('_mode', 's')}", f"must be one of {', '.join(choices)}, "
                                                                      f"got {getattr(self, flag)!r}")
-        for flag, minimum in (("num_samples", 2), ("steps", 1), ("batch_size", 1)):
-            if getattr(self, flag) < minimum:
-                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= {minimum}, got {getattr(self, flag)}")
-        if self.cfg_scale < 0:
-            raise ConfigError("--cfg-scale", f"must be >= 0, got {self.cfg_scale}")
+        require_at_least(self, num_samples=2, steps=1, batch_size=1, cfg_scale=0)
         if isinstance(self.guidance_interval, str):
             try:
                 lo, hi = (float(v) for v in self.guidance_interval.split(","))

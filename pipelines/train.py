@@ -22,8 +22,8 @@ from sddit.config import Config, apply_overrides, load_preset, preset_names
 from sddit.data import Manifest
 from sddit.errors import ConfigError
 from sddit.models.registry import registry_fields
-from pipelines.common import (parse_options, quiet_exit_in_finalizers, run_cli, set_verbose, shared_options,
-                              warn_about_layout)
+from pipelines.common import (parse_options, quiet_exit_in_finalizers, require_at_least, run_cli, set_verbose,
+                              shared_options, warn_about_layout)
 from pipelines.tracking import tag_query
 
 # Test hook, read by the driver and passed to the workers: "RANK:STEP:MARKER" makes that rank's
@@ -55,12 +55,7 @@ class TrainOptions:
     verbose: bool = False
 
     def __post_init__(self):
-        for flag in ("num_workers", "cpus_per_worker"):
-            value = getattr(self, flag)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {value}")
-        if self.max_failures < 0:
-            raise ConfigError("--max-failures", f"must be >= 0, got {self.max_failures}")
+        require_at_least(self, num_workers=1, cpus_per_worker=1, max_failures=0)
 
 
 @dataclass

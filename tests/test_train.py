@@ -540,3 +540,21 @@ def test_a_training_run_starts_no_dataset_manager_and_locally_no_placement_group
     assert DatasetsCallback not in kinds                    # our workers read their shards themselves
     assert (PlacementGroupCleanerCallback in kinds) == (not local)
     assert BackendSetupCallback in kinds                    # the rest of Ray Train's set-up is kept
+
+
+@pytest.mark.parametrize("stage, required, flag, bad, minimum", [
+    ("encode", ["--data", "d", "--out", "o"], "--rows-per-shard", 1, 2),
+    ("encode", ["--data", "d", "--out", "o"], "--limit-per-class", 0, 1),
+    ("evaluate", ["--checkpoint", "c"], "--num-samples", 1, 2),
+    ("evaluate", ["--checkpoint", "c"], "--cfg-scale", -0.5, 0),
+    ("train", ["--data", "d"], "--cpus-per-worker", 0, 1),
+    ("train", ["--data", "d"], "--max-failures", -1, 0),
+])
+def test_a_stage_refuses_a_value_below_its_minimum_naming_the_flag(stage, required, flag, bad, minimum, capsys):
+    import importlib
+    parse_args = importlib.import_module(f"pipelines.{stage}").parse_args
+    parse_args(required)                                           # unset optional minimums (None) are not checked
+    parse_args(required + [flag, str(minimum)])
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(required + [flag, str(bad)])
+    assert exit_.value.code == 2 and f"{flag}: must be >= {minimum}, got {bad}" in capsys.readouterr().err
