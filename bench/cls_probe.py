@@ -20,7 +20,8 @@ from pathlib import Path
 from sddit import code_version
 from sddit.diagnostics import cls_carries_no_signal, probe_teacher_cls
 from sddit.diffusion import edm_loss_weight
-from bench.probe_loop import append_record, parse_probe_args, probe_main, probe_parser, set_up, train_and_measure
+from bench.probe_loop import parse_probe_args, probe_main, probe_parser, set_up, train_and_measure
+from bench.records import append_record
 
 DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising probe
 

@@ -21,6 +21,7 @@ from sddit.codecs import make_codec
 from sddit.evaluation import compute_metrics
 from sddit.reference import load_reference, make_extractor
 from sddit.sampling import SamplingPlan, sample_batch
+from bench.records import append_record
 
 
 def named(text: str) -> tuple[str, str]:
@@ -46,7 +47,6 @@ def main(argv=None):
         extractor = make_extractor("domain", dataset_dir=directory)
         judges[name] = (directory, extractor, load_reference(None, extractor, dataset_dir=directory))
     records = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, path in args.checkpoint:
         payload = load_checkpoint(path)
         ema, dataset = generator_of(payload), payload["dataset"]
@@ -60,8 +60,7 @@ def main(argv=None):
             record[f"judge[{judge}]"] = {"dir": directory, "sha256": extractor.weights_checksum,
                                          "held_out_accuracy": extractor.accuracy}
         print(json.dumps(record), flush=True)
-        with open(args.out, "a") as f:                     # as it goes: a long list loses nothing on a stop
-            f.write(json.dumps(record) + "\n")
+        append_record(args.out, record)
         records.append(record)
     return records
 

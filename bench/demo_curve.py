@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from sddit.reference import dataset_codec, load_reference, make_extractor
 from sddit.sampling import SamplingPlan, sample_batch
 from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop
 from pipelines.common import shared_options
+from bench.records import append_record
 
 
 def parse_args(argv=None):
@@ -71,14 +71,12 @@ class Curve(LoopHooks):
     def write(self, point: dict) -> None:
         point = {"preset": self.args.preset, "overrides": self.args.overrides, "data": self.args.data, **point}
         print(json.dumps(point), flush=True)
-        with open(self.args.out, "a") as f:
-            f.write(json.dumps(point) + "\n")
+        append_record(self.args.out, point)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     config = apply_overrides(load_preset(args.preset), [f"train.steps={args.steps}", f"train.log_every={args.every}",
                                                          f"train.checkpoint_every={args.steps}",
                                                          f"train.sample_every={args.steps}"] + list(args.overrides))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 from sddit import code_version
+from bench.records import append_record
 
 STAGE_LINE = re.compile(r"full_run: (encode|tune|train|evaluate) (started|done)")
 PROGRESS_LINE = re.compile(r"final-\S+: step \d+/\d+, ([0-9.]+) img/s")
@@ -65,8 +66,11 @@ class IdleSampler(threading.Thread):
     def run(self):
         if not Path("/proc/stat").exists():   # not Linux: the run is timed, its idle share is not
             return
-        before = cpu_ticks()
-        while not self.stopped.wait(1.0):
+        before, next_second = cpu_ticks(), time.monotonic() + 1
+        # on a fixed clock, not 1 s after the last sample: on a busy machine each sample came a little late, and
+        # the series fell behind the wall clock by more than its test allows
+        while not self.stopped.wait(max(next_second - time.monotonic(), 0)):
+            next_second += 1
             after = cpu_ticks()
             total = max(after[1] - before[1], 1)
             self.samples.append((round(time.time() - self.start_time, 1), round(100 * (after[0] - before[0]) / total, 1)))
@@ -157,7 +161,6 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     run_dir = (ROOT / args.run_dir).resolve()
     out = (ROOT / args.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for run in range(1, args.repeats + 1):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -168,8 +171,7 @@ def main(argv=None) -> list[dict]:
         summaries = sorted(run_dir.glob("*_summary.json"))
         summary = json.loads(summaries[0].read_text()) if status == 0 and summaries else None
         record = record_of(run, wall, status, lines, idle, summary)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(out, record)
         if args.timelines:
             timeline = Path(args.timelines) / f"run-{run}.txt"
             timeline.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ bench/results/encode_throughput.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 
 from sddit.codecs import DEFAULT_VAE, make_codec
 from sddit.image_folder import list_image_folder, load_image
+from bench.records import append_record
 
 
 def plain_loop(root: Path, items, codec, resolution: int, batch_size: int) -> float:
@@ -69,9 +69,7 @@ def main():
               "ray_img_per_s": ray_rate, "ray_over_plain": ray_rate / plain}
     print(f"{len(items)} images, {args.codec} at {args.resolution}px: plain loop {plain:.0f} img/s, "
           f"Ray Data pipeline {ray_rate:.0f} img/s (x{ray_rate / plain:.2f}, incl. shard writing and manifest)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.records import append_record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -114,9 +116,7 @@ def main(argv=None) -> None:
             print(row, flush=True)
             results.append(row)
             out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out.with_suffix(".jsonl"), "a") as f:
-                f.write(json.dumps({**row, "time": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+            append_record(out.with_suffix(".jsonl"), {**row, "time": time.strftime("%Y-%m-%d %H:%M")})
             out.with_suffix(".md").write_text(markdown(results, "python bench/loader_scale.py " + " ".join(
                 argv if argv is not None else sys.argv[1:])))
 

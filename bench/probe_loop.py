@@ -8,7 +8,6 @@ JSON-lines file as it is measured, so a stopped probe keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +19,7 @@ from sddit.data import Manifest
 from sddit.loader import LatentLoader, step_generator
 from sddit.training import build_training, fit_to_dataset, train_step
 from pipelines.common import shared_options
+from bench.records import append_record
 
 PROBE_SEED = 12345                  # the fixed images' loader seed and their noise, apart from any training seed
 
@@ -82,12 +82,6 @@ def set_up(args, overrides: Callable[[Config], list[str]] = lambda base: []) -> 
     fixed.close()
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
     return Probe(config, model, optimizer, ema, schedules, x, y, noise)
-
-
-def append_record(path, record: dict) -> None:
-    if path:
-        with open(path, "a") as out:
-            out.write(json.dumps(record) + "\n")
 
 
 def train_and_measure(args, probe: Probe, label: str, measure: Callable[[int], dict],

@@ -11,11 +11,12 @@ one JSON line: {label, time, total_mib, roles: {role: {processes, pss_mib}}}.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from bench.records import append_record
 
 
 def parse_args(argv=None):
@@ -80,10 +81,7 @@ def main(argv=None) -> dict:
     for role, value in roles.items():
         print(f"{role:<36}{value['processes']:>10}{value['pss_mib']:>12.1f}")
     print(f"{'total':<36}{sum(r['processes'] for r in roles.values()):>10}{record['total_mib']:>12.1f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_record(args.out, record)
     return record
 
 

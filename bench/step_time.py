@@ -14,7 +14,6 @@ the token grid, REPA's tap depth for the size), and the cost of the term is repo
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sddit.config import Config
 from sddit.models import model_config
 from sddit.training import build_training, compile_model, train_step
+from bench.records import append_record
 
 FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
 REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size
@@ -192,9 +192,7 @@ def main(argv=None):
                   f"{with_repa['gflops_per_image'] / base['gflops_per_image']:.2f}x, +"
                   f"{with_repa['student_params_m'] - base['student_params_m']:.1f}M parameters, activations "
                   f"{with_repa['activation_mib'] / base['activation_mib']:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":

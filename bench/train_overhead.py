@@ -16,7 +16,6 @@ to bench/results/train_overhead.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from sddit.config import apply_overrides, load_preset
 from sddit.data import Manifest
 from sddit.loader import LatentLoader
 from sddit.training import LoopHooks, fit_to_dataset, train_loop
+from bench.records import append_record
 
 
 class Rates(LoopHooks):
@@ -99,9 +99,7 @@ def main():
           f"({args.threads} threads each): overhead {100 * record['ray_overhead']:.1f}% (median of "
           f"{', '.join(f'{100 * o:.1f}%' for o in overheads)}; target <= 5%)")
     print(f"data reader {reader_rows_per_s:.0f} rows/s = {record['reader_over_training']:.0f}x what training consumes")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.out, record)
 
 
 if __name__ == "__main__":
