@@ -47,9 +47,15 @@ def run_trial(trial: dict, context: TrialContext) -> None:
     from pipelines.common import quiet_exit_in_finalizers, torch_trainer, train_logging, verbose
     from pipelines.train import WorkerContext, train_worker
     quiet_exit_in_finalizers()
-    run_spec = context.runs[trial["run"]] if context.runs is not None else {}
-    config, tagged = config_of_trial(context, trial)
+    run_spec = {}
+    if context.runs is not None:
+        run_spec = context.runs[trial["run"]]
+        overrides, tagged = run_spec["overrides"], run_spec["params"]
+    else:
+        tagged = {f"searched.{key}": trial[key] for key in context.space_keys}
+        overrides = [f"{key[len('searched.'):]}={value}" for key, value in tagged.items()]
     name = trial_name(context, trial, tune.get_context().get_trial_id())
+    config = apply_overrides(context.base_config, overrides)
     # the trial's MLflow run is found or created by its rank-0 worker, which loads MLflow anyway, and ended by
     # the driver (TrialRuns): loading MLflow here too would delay each trial's workers by its import
     mlflow_run = {"experiment_id": context.experiment_id, "name": name, "params": {**config.flat(), **tagged},
@@ -71,18 +77,6 @@ def run_trial(trial: dict, context: TrialContext) -> None:
     trainer.fit()
 
 
-def config_of_trial(context: TrialContext, trial: dict) -> tuple[Config, dict]:
-    """(the trial's config, the values it is tagged with in MLflow): a study's run brings its overrides and
-    params, a sweep's trial its searched values."""
-    if context.runs is not None:
-        run_spec = context.runs[trial["run"]]
-        overrides, tagged = run_spec["overrides"], run_spec["params"]
-    else:
-        tagged = {f"searched.{key}": trial[key] for key in context.space_keys}
-        overrides = [f"{key[len('searched.'):]}={value}" for key, value in tagged.items()]
-    return apply_overrides(context.base_config, overrides), tagged
-
-
 def trial_name(context: TrialContext, trial_config: dict, trial_id: str) -> str:
     """The Ray Train run name (and MLflow training name) of a trial: a study's run keeps its own name across
     invocations; a sweep's trial is named by its Tune trial id."""
@@ -91,36 +85,13 @@ def trial_name(context: TrialContext, trial_config: dict, trial_id: str) -> str:
     return f"{context.sweep_name}-{trial_id}"
 
 
-def progress_line(context: TrialContext, trial_config: dict, trial_id: str, result: dict,
-                  finished: int) -> str | None:
-    """The console's line for a trial's report that holds an evaluation (a study's runs report every 250 steps
-    or so, for hours; without it a study's console is silent between its first and last lines), else None."""
-    scores = {key: value for key, value in result.items() if key.startswith("proxy_fid_")}
-    if not scores or "step" not in result:
-        return None
-    stage = "study" if context.runs is not None else "tune"
-    label = trial_config["run"] if stage == "study" else trial_name(context, trial_config, trial_id)
-    config = config_of_trial(context, trial_config)[0]
-    steps, images = config.train.steps, result["step"] * config.optim.batch_size
-    fids = ", ".join(f"FID ({key[len('proxy_fid_'):]}) {value:.4g}" for key, value in scores.items())
-    done = f"{finished} of {len(context.runs)} runs finished" if stage == "study" else f"trials finished: {finished}"
-    return f"{stage}: {label} at step {result['step']}/{steps} ({images:,} images), {fids}; {done}"
-
-
 def trial_runs_callback(context: TrialContext):
-    """A Tune callback on the driver that prints each trial's evaluations as they come (progress_line) and ends
-    each trial's MLflow run when the trial ends: FINISHED when it completed (or a scheduler stopped it), FAILED
-    when it errored. A trial killed with the sweep stays RUNNING, as an interrupted training does. (Tune pickles
-    it with the experiment, for --resume: no client inside.)"""
+    """A Tune callback on the driver that ends each trial's MLflow run when the trial ends: FINISHED when it
+    completed (or a scheduler stopped it), FAILED when it errored. A trial killed with the sweep stays RUNNING,
+    as an interrupted training does. (Tune pickles it with the experiment, for --resume: no client inside.)"""
     from ray import tune
 
     class TrialRuns(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            line = progress_line(context, trial.config, trial.trial_id, result,
-                                 finished=sum(t.status == "TERMINATED" for t in trials))
-            if line:
-                print(line, flush=True)
-
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.end(trial, "FINISHED")
 

@@ -118,24 +118,6 @@ def test_the_driver_ends_a_trial_run_by_how_the_trial_ended(tmp_path):
     assert [client.get_run(run_ids[t]).info.status for t in sorted(run_ids)] == ["FAILED", "FINISHED", "RUNNING"]
 
 
-def test_the_driver_prints_a_line_per_evaluation_with_the_trials_own_batch(capsys):
-    from types import SimpleNamespace
-
-    from pipelines.trials import TrialContext, trial_runs_callback
-    from sddit.config import Config, apply_overrides
-    base = apply_overrides(Config(), ["train.steps=40", "optim.batch_size=16"])
-    context = TrialContext(base_config=base, data="unused", mlflow_uri="unused", experiment_id="0",
-                           parent_run_id=None, storage="unused", cpus_per_worker=1, sweep_name="probe",
-                           space_keys=["optim.batch_size"])
-    callback = trial_runs_callback(context)
-    trial = SimpleNamespace(trial_id="a_00000", config={"optim.batch_size": 8}, status="RUNNING")
-    done = SimpleNamespace(trial_id="a_00001", config={"optim.batch_size": 16}, status="TERMINATED")
-    callback.on_trial_result(0, [trial, done], trial, {"step": 10, "loss": 0.5})          # no evaluation: quiet
-    callback.on_trial_result(0, [trial, done], trial, {"step": 20, "proxy_fid_domain": 123.456})
-    assert capsys.readouterr().out == ("tune: probe-a_00000 at step 20/40 (160 images), FID (domain) 123.5; "
-                                       "trials finished: 1\n")
-
-
 @pytest.mark.parametrize("flag", ["--budget-steps", "--proxy-samples", "--proxy-heun-steps", "--num-samples"])
 def test_non_positive_sizes_are_refused_before_ray_starts(flag, capsys):
     from tuning.sweep import parse_args
