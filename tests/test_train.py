@@ -1,6 +1,5 @@
 """The train stage: bare-loop exact resume and NaN handling, then Ray Train with 2 CPU workers."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
