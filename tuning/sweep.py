@@ -23,7 +23,8 @@ import yaml
 from sddit.config import apply_overrides, load_preset, preset_names, save_config
 from sddit.data import Manifest
 from sddit.errors import ConfigError
-from pipelines.common import parse_options, run_cli, set_verbose, shared_options, warn_about_layout
+from pipelines.common import (parse_options, require_at_least, run_cli, set_verbose, shared_options,
+                              warn_about_layout)
 from pipelines.tracking import tag_query
 from pipelines.trials import (TrialContext, latest_checkpoint, prepare_judge, root_cause, trial_resources,
                               trial_runs_callback, trial_trainable)
@@ -62,9 +63,8 @@ class SweepOptions:
         for flag, choices in (("search", ("random", "optuna", "grid")), ("scheduler", ("asha", "none"))):
             if getattr(self, flag) not in choices:
                 raise ConfigError(f"--{flag}", f"must be one of {', '.join(choices)}, got {getattr(self, flag)!r}")
-        for flag in ("num_samples", "budget_steps", "proxy_samples", "proxy_heun_steps", "workers_per_trial"):
-            if getattr(self, flag) < 1:   # refused here, not minutes later inside a trial
-                raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {getattr(self, flag)}")
+        # refused here, not minutes later inside a trial
+        require_at_least(self, num_samples=1, budget_steps=1, proxy_samples=1, proxy_heun_steps=1, workers_per_trial=1)
         self.grace_steps = self.grace_steps or max(self.budget_steps // 4, 1)
         self.proxy_every = self.proxy_every or self.grace_steps
 
