@@ -27,11 +27,11 @@ DENOISE_SIGMA = 1.0                 # the fixed noise level of the denoising pro
 
 
 def parse_args(argv=None):
-    parser = probe_parser(__doc__, probe_images=256, set_help="overrides of the preset (the recipe to judge); the "
-                                                              "model must be SD-DiT (a teacher)")
+    # min_probe_images: the class-mean probe splits the images in halves
+    parser = probe_parser(__doc__, probe_images=256, min_probe_images=4,
+                          set_help="overrides of the preset (the recipe to judge); the model must be SD-DiT (a teacher)")
     parser.add_argument("--label", default=None, help="name of this recipe in the records (default: the overrides)")
-    # the class-mean probe splits the images in halves
-    return parse_probe_args(parser, argv, min_probe_images=4)
+    return parse_probe_args(parser, argv)
 
 
 def probe(args) -> dict:

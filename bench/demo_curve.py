@@ -22,7 +22,7 @@ from sddit.evaluation import compute_metrics
 from sddit.reference import dataset_codec, load_reference, make_extractor
 from sddit.sampling import SamplingPlan, sample_batch
 from sddit.training import LoopHooks, build_training, dataset_info, fit_to_dataset, train_loop
-from pipelines.common import shared_options
+from pipelines.common import at_least, shared_options
 from bench.records import append_record
 
 
@@ -33,8 +33,8 @@ def parse_args(argv=None):
                                      parents=[shared])
     parser.add_argument("--data", required=True, help="a pixel-codec dataset written by pipelines/encode.py")
     parser.add_argument("--preset", default="demo", help="preset name or YAML path (default demo)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
-    parser.add_argument("--every", type=int, default=300, help="steps between measurements (default 300)")
+    parser.add_argument("--steps", type=at_least(1), default=1500, help="training steps (default 1500)")
+    parser.add_argument("--every", type=at_least(1), default=300, help="steps between measurements (default 300)")
     parser.add_argument("--samples", type=int, default=500, help="samples per measurement (default 500)")
     parser.add_argument("--heun-steps", type=int, default=12, help="Heun steps per sample (default 12, the demo's)")
     parser.add_argument("--cfg-scale", type=float, default=5.0, help="guidance for class agreement (default 5)")

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 from sddit import code_version
 from bench.records import append_record
+from pipelines.common import at_least
 
 STAGE_LINE = re.compile(r"full_run: (encode|tune|train|evaluate) (started|done)")
 PROGRESS_LINE = re.compile(r"final-\S+: step \d+/\d+, ([0-9.]+) img/s")
@@ -36,7 +37,7 @@ PROGRESS_LINE = re.compile(r"final-\S+: step \d+/\d+, ([0-9.]+) img/s")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="runs back to back (default 3)")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="runs back to back (default 3)")
     parser.add_argument("--run-dir", default="runs/demo-timing",
                         help="run directory, deleted before each run (default runs/demo-timing)")
     parser.add_argument("--out", default="bench/results/demo_timing.jsonl", help="JSON lines, one per run")
@@ -44,8 +45,6 @@ def parse_args(argv=None):
                         help="directory for each run's timeline: console lines and idle shares by second")
     parser.add_argument("full_run_args", nargs="*", help="after --: arguments for pipelines/full_run.py")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     return args
 
 

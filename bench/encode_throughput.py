@@ -21,6 +21,7 @@ import numpy as np
 from sddit.codecs import DEFAULT_VAE, make_codec
 from sddit.image_folder import list_image_folder, load_image
 from bench.records import append_record
+from pipelines.common import at_least
 
 
 def plain_loop(root: Path, items, codec, resolution: int, batch_size: int) -> float:
@@ -40,8 +41,8 @@ def main():
     parser.add_argument("--codec", default="pixel", choices=["pixel", "sd-vae"], help="codec (default pixel)")
     parser.add_argument("--vae", default=DEFAULT_VAE, help="VAE hub id or local directory for sd-vae")
     parser.add_argument("--resolution", type=int, default=16, help="crop size (default 16)")
-    parser.add_argument("--limit-per-class", type=int, default=None, help="first N images per class")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder call on both sides")
+    parser.add_argument("--limit-per-class", type=at_least(1), default=None, help="first N images per class")
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="images per encoder call on both sides")
     parser.add_argument("--address", default=None, help="Ray address (default: local)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "encode_throughput.jsonl"))
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from bench.step_time import FAMILIES, count_flops_and_activations, device_name, 
 from sddit.diffusion import edm_sample
 from sddit.models import build
 from sddit.sampling import SamplingPlan, sampling_network
+from pipelines.common import at_least
 
 
 def matmul_tflops(device, size: int, dtype, repeats: int = 20) -> float:
@@ -133,7 +134,7 @@ def main():
     parser.add_argument("--input-size", type=int, default=32, help="latent side length (32 = ImageNet 256)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="training precision")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per model")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the square matmul for peak throughput")
     parser.add_argument("--vae-batch-size", type=int, default=64, help="images per SD-VAE encode call")

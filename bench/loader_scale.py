@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench.records import append_record
+from pipelines.common import at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--unique-shards", type=int, default=64,
                         help="distinct shards per dataset, the rest hard links (default 64; see synthetic_latents)")
     parser.add_argument("--data-root", default="runs/loader-bench", help="where the datasets are written (kept)")
-    parser.add_argument("--steps", type=int, default=200, help="batches timed per measurement (default 200)")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+    parser.add_argument("--steps", type=at_least(1), default=200, help="batches timed per measurement (default 200)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="rows per batch (default 256)")
     parser.add_argument("--out", default="bench/results/loader_scale", help="writes OUT.jsonl and OUT.md")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)      # internal: one rank, one process
     parser.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)

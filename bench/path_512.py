@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.common import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="bench/results/path_512", help="writes OUT.json and OUT.md")
     parser.add_argument("--classes", type=int, default=4, help="synthetic classes (default 4)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
+    parser.add_argument("--steps", type=at_least(1), default=4, help="training steps (default 4)")
     parser.add_argument("--samples", type=int, default=8, help="samples evaluated (default 8)")
     args = parser.parse_args(argv)
 

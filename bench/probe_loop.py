@@ -18,13 +18,14 @@ from sddit.config import Config, apply_overrides, load_preset
 from sddit.data import Manifest
 from sddit.loader import LatentLoader, step_generator
 from sddit.training import build_training, fit_to_dataset, train_step
-from pipelines.common import shared_options
+from pipelines.common import at_least, shared_options
 from bench.records import append_record
 
 PROBE_SEED = 12345                  # the fixed images' loader seed and their noise, apart from any training seed
 
 
-def probe_parser(description: str, *, set_help: str, probe_images: int) -> argparse.ArgumentParser:
+def probe_parser(description: str, *, set_help: str, probe_images: int,
+                 min_probe_images: int) -> argparse.ArgumentParser:
     """The flags every probe has; a probe adds its own before parsing with parse_probe_args."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[shared_options("--set", set=set_help)])
@@ -32,24 +33,19 @@ def probe_parser(description: str, *, set_help: str, probe_images: int) -> argpa
     parser.add_argument("--data", default=None, help="dataset written by pipelines/encode.py (required to probe)")
     parser.add_argument("--table", default=None, metavar="JSONL",
                         help="instead of probing: print the Markdown table of the probes recorded in this file")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    parser.add_argument("--every", type=int, default=50, help="probe every N steps (default 50; step 0 too)")
-    parser.add_argument("--probe-images", type=int, default=probe_images,
-                        help=f"fixed images the model is probed on (default {probe_images})")
+    parser.add_argument("--steps", type=at_least(1), default=1000, help="training steps (default 1000)")
+    parser.add_argument("--every", type=at_least(1), default=50, help="probe every N steps (default 50; step 0 too)")
+    parser.add_argument("--probe-images", type=at_least(min_probe_images), default=probe_images,
+                        help=f"fixed images the model is probed on (default {probe_images}; at least {min_probe_images})")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="JSON-lines file the points are appended to as they are measured")
     return parser
 
 
-def parse_probe_args(parser: argparse.ArgumentParser, argv, *, min_probe_images: int) -> argparse.Namespace:
+def parse_probe_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.table and not args.data:
         parser.error("give --data DIR to probe, or --table JSONL to summarise earlier probes")
-    for flag in ("steps", "every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.probe_images < min_probe_images:
-        parser.error(f"--probe-images must be >= {min_probe_images}, got {args.probe_images}")
     return args
 
 

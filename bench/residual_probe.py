@@ -28,10 +28,12 @@ PROBE_SIGMAS = (0.1, 1.0, 5.0)      # the denoising probe's noise levels; the st
 
 
 def parse_args(argv=None):
-    parser = probe_parser(__doc__, probe_images=64, set_help="overrides after the arm's, e.g. --set optim.lr=1e-4")
+    # min_probe_images: a pair distance needs two images
+    parser = probe_parser(__doc__, probe_images=64, min_probe_images=2,
+                          set_help="overrides after the arm's, e.g. --set optim.lr=1e-4")
     parser.add_argument("--arm", default="DiT-Dispersive", help="a study arm (pipelines/study_plan.py ARMS)")
     parser.add_argument("--label", default=None, help="name of this probe in the records (default: arm + overrides)")
-    return parse_probe_args(parser, argv, min_probe_images=2)     # a pair distance needs two images
+    return parse_probe_args(parser, argv)
 
 
 def probe(args) -> list[dict]:

@@ -25,6 +25,7 @@ from sddit.config import Config
 from sddit.models import model_config
 from sddit.training import build_training, compile_model, train_step
 from bench.records import append_record
+from pipelines.common import at_least
 
 FAMILIES = ("DiT", "MaskDiT", "SD-DiT")
 REPA_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}              # REPA's tapped block per size
@@ -126,9 +127,9 @@ def measure_training(name: str, *, batch_size: int, device, precision: str = "fp
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="S/2", help="backbone size/patch shared by the three models (default S/2)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 8 on CPU, 256 on GPU)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, help="images per step (default 8 on CPU, 256 on GPU)")
     parser.add_argument("--input-size", type=int, default=32, help="latent side length (32 = ImageNet 256 via SD-VAE)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--steps", type=at_least(1), default=5, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (one of them counted for FLOPs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast")

