@@ -557,3 +557,15 @@ def test_a_stage_refuses_a_value_below_its_minimum_naming_the_flag(stage, requir
     with pytest.raises(SystemExit) as exit_:
         parse_args(required + [flag, str(bad)])
     assert exit_.value.code == 2 and f"{flag}: must be >= {minimum}, got {bad}" in capsys.readouterr().err
+
+
+def test_the_progress_line_tells_the_steps_left_at_the_last_rate():
+    from pipelines.train import progress_line
+    metrics = {"images_per_s": 21.3, "loss": 0.14651, "proxy_fid_domain": 63.504, "lr": 2e-3}
+    line = progress_line("run", 750, 1000, 64, metrics)
+    # 250 steps of 64 images at 21.3 img/s: 751 s
+    assert line == "run: step 750/1000, 21 img/s, loss 0.1465, fid_domain 63.5, ~13 min of steps left"
+    assert progress_line("run", 995, 1000, 64, metrics).endswith(", under a minute of steps left")
+    assert progress_line("run", 1000, 1000, 64, metrics).endswith("fid_domain 63.5")     # done: nothing left to tell
+    assert progress_line("run", 5, 10, 8, {"images_per_s": 0.4, "loss": 1.0}) == \
+        "run: step 5/10, 0.4 img/s, loss 1, ~2 min of steps left"      # 5 steps of 8 at 0.4 img/s: 100 s
