@@ -31,6 +31,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {       # arm -> (family, overrides on 
     "SD-DiT": ("SD-DiT", []),
     "SD-DiT-no-disc": ("SD-DiT", ["model.disc_weight=0", "model.cls_token=false"]),
     "SD-DiT-no-mask": ("SD-DiT", ["model.mask_ratio=0"]),
+    # neither: DiT plus SD-DiT's light decoder, which separates what the decoder does from what masking does
+    "SD-DiT-no-disc-no-mask": ("SD-DiT", ["model.disc_weight=0", "model.cls_token=false", "model.mask_ratio=0"]),
     **{f"SD-DiT-mask{r}": ("SD-DiT", [f"model.mask_ratio={r}"]) for r in ("0.1", "0.3", "0.5")},
     **{f"SD-DiT-tsigma{s}": ("SD-DiT", [f"diffusion.teacher_sigma={s}"]) for s in ("0.05", "0.3", "1.0")},
     "SD-DiT-tsigma-student": ("SD-DiT", ["diffusion.teacher_sigma_dist=student"]),

@@ -60,6 +60,10 @@ def test_ablation_arms_differ_only_in_the_fields_the_paper_varies():
     assert {k for k, v in flat_config("MaskDM-crop", base).items() if v != maskdm[k]} == {"model.mask_crop"}
     dit = flat_config("DiT", base)
     assert dit["model.name"] == "DiT-S/2" and dit["model.decoder_depth"] == 0 and dit["model.disc_weight"] == 0
+    assert differs("SD-DiT-no-disc-no-mask") == {"model.disc_weight", "model.cls_token", "model.mask_ratio"}
+    # and from DiT only by the decoder: what separates the decoder's share from masking's
+    assert {k for k, v in flat_config("SD-DiT-no-disc-no-mask", base).items() if v != dit[k]} == {
+        "model.name", "model.decoder_depth"}
     maskdit = flat_config("MaskDiT", base)
     assert maskdit["model.mask_token"] and maskdit["model.mask_ratio"] == 0.5 and maskdit["model.mae_weight"] == 0.1
     assert maskdit["model.decoder_depth"] == sd["model.decoder_depth"]
