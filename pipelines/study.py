@@ -95,13 +95,17 @@ def parse_args(argv=None):
 # Running the grid
 # ---------------------------------------------------------------------------------------------
 
+def last_checkpoint(storage: Path, name: str) -> tuple[Path, int] | None:
+    """(folder, step) of the newest checkpoint run `name` left in its Ray Train storage, or None."""
+    from sddit.checkpoint import load_checkpoint
+    found = sorted((storage / name).glob("checkpoint_*/checkpoint.pt"))       # Ray names them by time
+    return (found[-1].parent, load_checkpoint(found[-1].parent)["step"]) if found else None
+
+
 def final_checkpoint(storage: Path, run: dict) -> Path | None:
     """The checkpoint a finished pre-training run left in its Ray Train storage, or None."""
-    from sddit.checkpoint import load_checkpoint
-    found = sorted((storage / run["name"]).glob("checkpoint_*/checkpoint.pt"))
-    if found and load_checkpoint(found[-1].parent)["step"] >= run["steps"]:
-        return found[-1].parent
-    return None
+    last = last_checkpoint(storage, run["name"])
+    return last[0] if last and last[1] >= run["steps"] else None
 
 
 def storage_of(args) -> Path:
@@ -166,11 +170,19 @@ def evaluated_steps(client, plan: dict) -> dict[str, tuple[str | None, list[int]
     return done
 
 
-def outcomes_of(done: dict, plan: dict, errors: dict[str, str]) -> dict[str, dict]:
+def outcomes_of(done: dict, plan: dict, errors: dict[str, str], storage: Path) -> dict[str, dict]:
+    """Completed: the last evaluation is logged and the last checkpoint written. A run killed between the two
+    (its last step logs first) holds an older checkpoint and is not complete: a rerun trains its last steps
+    again from there, so the final model is not lost. A run whose checkpoints were all deleted counts by its
+    evaluations alone."""
     outcomes = {}
     for label, (_, steps) in done.items():
         last = max(steps, default=0)
-        if last >= plan["steps"]:
+        checkpoint = last_checkpoint(storage, plan["runs"][label]["name"]) if last >= plan["steps"] else None
+        if last >= plan["steps"] and checkpoint and checkpoint[1] < plan["steps"]:
+            outcomes[label] = {"status": "incomplete", "last_step": checkpoint[1],
+                               "note": f"evaluated at step {last}, but its last checkpoint is step {checkpoint[1]}"}
+        elif last >= plan["steps"]:
             outcomes[label] = {"status": "completed", "last_step": last}
         elif label in errors:
             outcomes[label] = {"status": "error", "error": errors[label], "last_step": last}
@@ -226,7 +238,8 @@ def study(args) -> dict:
                                **{f"judge.{key}": value for key, value in plan["judge"].items()}})
             parent_run_id = run.info.run_id
     # seed by seed (every arm's seed 0 first): a study stopped part-way has each arm at the same number of seeds
-    todo = sorted((label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}).items()
+    storage = storage_of(args)
+    todo = sorted((label for label, o in outcomes_of(evaluated_steps(client, plan), plan, {}, storage).items()
                    if o["status"] != "completed"), key=lambda label: plan["runs"][label]["seed"])
     if args.report_only:
         print(f"study {plan['name']}: --report-only: {len(todo)} unfinished runs left as they are", flush=True)
@@ -238,7 +251,7 @@ def study(args) -> dict:
     if not todo and not args.report_only:
         print(f"study {plan['name']}: all {len(plan['runs'])} runs already finished; rewriting the report", flush=True)
     done = evaluated_steps(client, plan)
-    outcomes = outcomes_of(done, plan, errors)
+    outcomes = outcomes_of(done, plan, errors, storage)
     (out / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
     summary = report(args, plan, client, done, parent_run_id, outcomes, out)
     failed = [label for label, o in outcomes.items() if o["status"] != "completed"]

@@ -112,6 +112,7 @@ def write_summary(path: Path, plan: dict, args, agg: dict, outcomes: dict, flat_
     if failed:
         lines += ["## Runs that did not finish", ""]
         lines += [f"- `{label}`: {o['status']} at step {o['last_step']}" + (f": {o['error']}" if o.get("error") else "")
+                  + (f" ({o['note']})" if o.get("note") else "")
                   for label, o in sorted(failed.items())]
         lines += [""]
     lines += [f"## FID ({suffix}) vs images seen", "", "| images | " + " | ".join(arms) + " |",

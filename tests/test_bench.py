@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sddit import code_version
 
@@ -186,3 +187,63 @@ def test_at_least_accepts_its_minimum_and_names_the_type_of_a_non_number(capsys)
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "five"])
     assert "argument --steps: invalid integer >= 1 value: 'five'" in capsys.readouterr().err
+
+
+def test_the_checkpoint_probe_measures_what_it_says_on_an_untrained_denoiser():
+    """An untrained backbone outputs 0 (adaLN-Zero's final layer), so D(x) = c_skip x: the error and the spread the
+    probe reports must be the ones computed by hand from the EDM coefficients."""
+    from bench.checkpoint_probe import probe_run
+    from sddit.diffusion import edm_coefficients, edm_loss_weight
+    from sddit.training import build_training
+    from tests.conftest import tiny_config
+    config = tiny_config("DiT-S/2", in_channels=3, num_classes=3)
+    torch.manual_seed(0)
+    _, _, ema, _ = build_training(config)
+    x0 = torch.randn(12, 3, 8, 8) * 0.5
+    y, noise = torch.arange(12) % 3, torch.randn(12, 3, 8, 8)
+    point = probe_run(ema, config, x0, y, noise, [0.05, 20.0], token_sigma=0.5)
+    for sigma in (0.05, 20.0):
+        c_skip = edm_coefficients(torch.tensor(sigma), config.model.sigma_data)[0]
+        denoised = c_skip * (x0 + sigma * noise)
+        expected = float((edm_loss_weight(torch.tensor(sigma), config.model.sigma_data) * (denoised - x0) ** 2).mean())
+        spread = torch.stack([denoised[y == c].std(dim=0).mean() for c in range(3)]).mean() / \
+            torch.stack([x0[y == c].std(dim=0).mean() for c in range(3)]).mean()
+        assert point[f"denoise_error_sigma{sigma:g}"] == pytest.approx(expected, rel=1e-4)
+        assert point[f"output_spread_sigma{sigma:g}"] == pytest.approx(float(spread), rel=1e-4)
+    # at sigma 0.05 D keeps the image's spread; at 20 c_skip shrinks everything towards 0
+    assert point["output_spread_sigma0.05"] > 0.95 and point["output_spread_sigma20"] < 0.1
+    assert 0 <= point["token_class_accuracy"] <= 1
+
+
+def test_the_checkpoint_probe_finds_a_studys_runs_by_arm_and_writes_a_line_per_run(
+        ray_session, image_tree, tmp_path, capsys):
+    from bench.checkpoint_probe import main
+    from sddit.checkpoint import rng_state, save_checkpoint
+    from sddit.data import Manifest
+    from sddit.training import build_training, dataset_info
+    from tests.conftest import tiny_config
+    from tests.fixtures import encode_pixels
+    data = encode_pixels(image_tree[0], tmp_path / "pixels8", 8)
+    config = tiny_config("SD-DiT-S/2", in_channels=3, num_classes=3)
+    model, optimizer, ema, _ = build_training(config)
+    storage = tmp_path / "ray"
+    for folder in ("study-t-DiT-seed0-0123abcd", "study-t-SD-DiT-no-disc-seed1-89abcdef",   # the two runs of t
+                   "study-t-256-DiT-seed0-0123abcd",             # a study named t-256: not an arm '256-DiT' of t
+                   "study-t-MyArm-seed0-0123abcd"):              # not a built-in arm
+        save_checkpoint(storage / folder / "checkpoint_2026" / "checkpoint.pt", config=config, model=model,
+                        generation_ema=ema, optimizer=optimizer, step=7, images_seen=0, data_position={},
+                        rng=rng_state(), dataset=dataset_info(Manifest.read(data), data))
+    (storage / "study-t-SD-DiT-seed0-0123abcd").mkdir()       # no checkpoint yet: skipped
+    out = tmp_path / "probe.jsonl"
+    records = main(["--study", "t", "--storage", str(storage), "--data", str(data), "--images", "8",
+                    "--sigmas", "0.5,2", "--out", str(out)])
+    assert [(r["arm"], r["seed"], r["step"]) for r in records] == [("DiT", 0, 7), ("SD-DiT-no-disc", 1, 7)]
+    assert [json.loads(line)["arm"] for line in out.read_text().splitlines()] == ["DiT", "SD-DiT-no-disc"]
+    capsys.readouterr()
+    main(["--table", str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| study | arm | seeds | token class accuracy | sigma 0.5: error / spread")
+    assert table[2].startswith("| t | DiT | 1 | ") and table[3].startswith("| t | SD-DiT-no-disc | 1 | ")
+    with pytest.raises(SystemExit, match="was trained on \\[3, 8, 8\\] latents"):
+        main(["--study", "t", "--storage", str(storage), "--images", "8",
+              "--data", str(encode_pixels(image_tree[0], tmp_path / "p16", 16))])

@@ -119,6 +119,34 @@ def test_bad_study_inputs_fail_before_ray_naming_the_field(tiny_data, tmp_path):
               "--reference", str(tmp_path / "missing")])
 
 
+def test_a_run_killed_after_its_last_evaluation_but_before_its_last_checkpoint_is_not_complete(tmp_path):
+    """The last step logs its evaluation first, then writes its checkpoint: a kill between the two left a run that
+    looked finished without its final model (seen once in runs/ray). A rerun must train it again from the older
+    checkpoint; a run whose checkpoints were all deleted still counts by its evaluations."""
+    from pipelines.study import outcomes_of
+    from sddit.checkpoint import rng_state, save_checkpoint
+    from sddit.training import build_training
+    from tests.conftest import tiny_config
+    config = tiny_config("DiT-S/2")
+    model, optimizer, ema, _ = build_training(config)
+
+    def checkpoint(name, step, stamp):
+        save_checkpoint(tmp_path / name / f"checkpoint_2026-12-06_22-{stamp}" / "checkpoint.pt", config=config,
+                        model=model, generation_ema=ema, optimizer=optimizer, step=step, images_seen=0,
+                        data_position={}, rng=rng_state(), dataset={})
+    checkpoint("run-a", 750, "10"), checkpoint("run-a", 1000, "16")     # finished
+    checkpoint("run-b", 750, "16")                                       # killed between the two
+    checkpoint("run-d", 500, "10")                                       # stopped part-way
+    plan = {"steps": 1000, "runs": {label: {"name": f"run-{label}"} for label in "abcd"}}
+    done = {"a": (None, [250, 500, 750, 1000]), "b": (None, [250, 500, 750, 1000]),
+            "c": (None, [250, 500, 750, 1000]), "d": (None, [250, 500])}    # c: its checkpoints deleted
+    outcomes = outcomes_of(done, plan, {}, tmp_path)
+    assert {label: o["status"] for label, o in outcomes.items()} == {
+        "a": "completed", "b": "incomplete", "c": "completed", "d": "incomplete"}
+    assert outcomes["b"] == {"status": "incomplete", "last_step": 750,
+                             "note": "evaluated at step 1000, but its last checkpoint is step 750"}
+
+
 def test_a_continued_study_refuses_a_judge_other_than_the_one_that_scored_it():
     from pipelines.study import check_same_judge
     from sddit.errors import ConfigError
