@@ -244,6 +244,8 @@ def test_the_checkpoint_probe_finds_a_studys_runs_by_arm_and_writes_a_line_per_r
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| study | arm | seeds | token class accuracy | sigma 0.5: error / spread")
     assert table[2].startswith("| t | DiT | 1 | ") and table[3].startswith("| t | SD-DiT-no-disc | 1 | ")
-    with pytest.raises(SystemExit, match="was trained on \\[3, 8, 8\\] latents"):
-        main(["--study", "t", "--storage", str(storage), "--images", "8",
-              "--data", str(encode_pixels(image_tree[0], tmp_path / "p16", 16))])
+    save_checkpoint(storage / "study-u-DiT-seed0-0123abcd" / "checkpoint_2026" / "checkpoint.pt", config=config,
+                    model=model, generation_ema=ema, optimizer=optimizer, step=7, images_seen=0, data_position={},
+                    rng=rng_state(), dataset={**dataset_info(Manifest.read(data), data), "latent_shape": [3, 16, 16]})
+    with pytest.raises(SystemExit, match="was trained on \\[3, 16, 16\\] latents"):
+        main(["--study", "u", "--storage", str(storage), "--data", str(data), "--images", "8"])
