@@ -34,6 +34,7 @@ from sddit.diffusion import edm_loss_weight
 from sddit.loader import LatentLoader
 from bench.records import append_record
 from pipelines.common import at_least
+from pipelines.study import newest_checkpoint_folder
 from pipelines.study_plan import ARMS, slug
 
 RUN_FOLDER = re.compile(r"(?P<arm>.+)-seed(?P<seed>\d+)-[0-9a-f]{8}")     # after study-STUDY-
@@ -74,9 +75,9 @@ def study_runs(storage: Path, study: str) -> list[dict]:
     runs = []
     for folder in sorted(storage.glob(f"study-{study}-*")):
         match = RUN_FOLDER.fullmatch(folder.name[len(f"study-{study}-"):])
-        checkpoints = sorted(folder.glob("checkpoint_*/checkpoint.pt"))
-        if match and match["arm"] in arms and checkpoints:
-            runs.append({"arm": arms[match["arm"]], "seed": int(match["seed"]), "checkpoint": checkpoints[-1].parent})
+        checkpoint = newest_checkpoint_folder(folder)
+        if match and match["arm"] in arms and checkpoint:
+            runs.append({"arm": arms[match["arm"]], "seed": int(match["seed"]), "checkpoint": checkpoint})
     return sorted(runs, key=lambda run: (run["arm"], run["seed"]))
 
 

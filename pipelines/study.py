@@ -95,11 +95,17 @@ def parse_args(argv=None):
 # Running the grid
 # ---------------------------------------------------------------------------------------------
 
+def newest_checkpoint_folder(run_folder: Path) -> Path | None:
+    """The newest checkpoint folder a run left in its Ray Train storage folder, or None."""
+    found = sorted(run_folder.glob("checkpoint_*/checkpoint.pt"))            # Ray names them by time
+    return found[-1].parent if found else None
+
+
 def last_checkpoint(storage: Path, name: str) -> tuple[Path, int] | None:
     """(folder, step) of the newest checkpoint run `name` left in its Ray Train storage, or None."""
     from sddit.checkpoint import load_checkpoint
-    found = sorted((storage / name).glob("checkpoint_*/checkpoint.pt"))       # Ray names them by time
-    return (found[-1].parent, load_checkpoint(found[-1].parent)["step"]) if found else None
+    folder = newest_checkpoint_folder(storage / name)
+    return (folder, load_checkpoint(folder)["step"]) if folder else None
 
 
 def final_checkpoint(storage: Path, run: dict) -> Path | None:
